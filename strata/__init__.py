@@ -1,0 +1,51 @@
+"""strata: new language-model architectures as first-class Hugging Face citizens.
+
+``import strata`` registers every architecture with ``AutoConfig``, ``AutoModel``,
+``AutoModelForCausalLM`` and the tokenizer with ``AutoTokenizer``.
+"""
+
+from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
+
+from strata.configuration.configuration_retmamba import RetMambaConfig
+from strata.modeling.cache_recurrent import RecurrentCache
+from strata.modeling.generation_blocks import BlockGenerationMixin
+from strata.modeling.modeling_retmamba import (
+    LORA_TARGET_MODULES as RETMAMBA_LORA_TARGET_MODULES,
+    RetMambaForCausalLM,
+    RetMambaModel,
+)
+from strata.tokenization import CharWordTokenizer, register_tokenizer
+
+__version__ = "0.1.0"
+
+# (config class, base model class, causal LM class, default LoRA target modules)
+ARCHITECTURES = {
+    RetMambaConfig.model_type: (RetMambaConfig, RetMambaModel, RetMambaForCausalLM, RETMAMBA_LORA_TARGET_MODULES),
+}
+
+
+def _register() -> None:
+    for config_cls, model_cls, lm_cls, _ in ARCHITECTURES.values():
+        AutoConfig.register(config_cls.model_type, config_cls, exist_ok=True)
+        AutoModel.register(config_cls, model_cls, exist_ok=True)
+        AutoModelForCausalLM.register(config_cls, lm_cls, exist_ok=True)
+    register_tokenizer()
+
+
+def lora_target_modules(model_type: str) -> list[str]:
+    """The documented default PEFT LoRA ``target_modules`` of an architecture."""
+    return list(ARCHITECTURES[model_type][3])
+
+
+_register()
+
+__all__ = [
+    "ARCHITECTURES",
+    "BlockGenerationMixin",
+    "CharWordTokenizer",
+    "RecurrentCache",
+    "RetMambaConfig",
+    "RetMambaForCausalLM",
+    "RetMambaModel",
+    "lora_target_modules",
+]
