@@ -21,7 +21,6 @@ import sys
 from pathlib import Path
 
 _ABSOLUTE = re.compile(r"^(\s*)from\s+strata((?:\.\w+)+)\s+import\s", re.MULTILINE)
-_RELATIVE = re.compile(r"^(\s*)from\s+\.(\w+)\s+import\s", re.MULTILINE)
 
 
 def _module_path(module_name: str) -> Path:

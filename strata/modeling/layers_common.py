@@ -40,17 +40,22 @@ class HeadRMSNorm(nn.Module):
 
 
 class RotaryEmbedding(nn.Module):
-    """cos/sin tables of rotary position embeddings for given position ids."""
+    """cos/sin tables of rotary position embeddings for given position ids.
+
+    The frequencies are recomputed per call (Dh/2 numbers) rather than kept in a
+    non-persistent buffer, which `from_pretrained` would leave uninitialised.
+    """
 
     def __init__(self, head_dim: int, theta: float = 10000.0):
         super().__init__()
-        inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim))
-        self.register_buffer("inv_freq", inv_freq, persistent=False)
+        self.head_dim, self.theta = head_dim, theta
 
     @torch.no_grad()
     def forward(self, position_ids: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         # position_ids: (B, T) -> cos, sin: (B, T, Dh)
-        freqs = position_ids[..., None].float() * self.inv_freq.to(position_ids.device)
+        exponents = torch.arange(0, self.head_dim, 2, dtype=torch.float32, device=position_ids.device) / self.head_dim
+        inv_freq = 1.0 / (self.theta**exponents)
+        freqs = position_ids[..., None].float() * inv_freq
         emb = torch.cat([freqs, freqs], dim=-1)
         return emb.cos().to(dtype), emb.sin().to(dtype)
 

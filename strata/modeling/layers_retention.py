@@ -24,9 +24,9 @@ RETENTION_STATE = "retention_state"
 _FORM_TO_BACKEND = {"chunkwise": "chunked", "parallel": "parallel", "recurrent": "ref"}
 
 
-def retnet_log_decay(num_heads: int) -> torch.Tensor:
-    """log gamma_h with gamma_h = 1 - 2^(-5-h), h = 0..H-1."""
-    return torch.log1p(-torch.pow(2.0, -5.0 - torch.arange(num_heads, dtype=torch.float32)))
+def retnet_log_decay(num_heads: int, device=None) -> torch.Tensor:
+    """log gamma_h with gamma_h = 1 - 2^(-5-h), h = 0..H-1 (computed, not stored: no weights)."""
+    return torch.log1p(-torch.pow(2.0, -5.0 - torch.arange(num_heads, dtype=torch.float32, device=device)))
 
 
 class MultiScaleRetention(nn.Module):
@@ -45,7 +45,6 @@ class MultiScaleRetention(nn.Module):
         self.g_proj = nn.Linear(d, d, bias=False)
         self.o_proj = nn.Linear(d, d, bias=False)
         self.group_norm = HeadRMSNorm(self.num_heads, self.head_dim, eps=config.rms_norm_eps)
-        self.register_buffer("log_decay", retnet_log_decay(self.num_heads), persistent=False)
         self.selective_decay = selective_decay
         if selective_decay:
             # delta_{t,h} = softplus(decay_proj(x)); initialised to delta == 1 (plain RetNet decay).
@@ -69,11 +68,10 @@ class MultiScaleRetention(nn.Module):
         k = apply_rotary(k, cos, sin) * Dh**-0.5
         if token_mask is not None:  # padding must leave the state untouched
             k = k * token_mask[:, None, :, None].to(k.dtype)
+        log_decay = retnet_log_decay(H, x.device)  # (H,)
         if self.selective_decay:
             delta = F.softplus(self.decay_proj(x).float())  # (B, T, H)
-            log_decay = delta.transpose(1, 2) * self.log_decay[None, :, None]  # (B, H, T)
-        else:
-            log_decay = self.log_decay
+            log_decay = delta.transpose(1, 2) * log_decay[None, :, None]  # (B, H, T)
 
         state = cache.layer(self.layer_idx).get(RETENTION_STATE) if cache is not None else None
         if state is not None and T == 1:

@@ -100,6 +100,23 @@ class StrataPreTrainedModel(PreTrainedModel):
         positions = (mask.cumsum(-1) - 1).clamp(min=0)[:, -T:]
         return positions, mask, mask[:, -T:]
 
+    # ------------------------------------------------------------------ loading
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, *args, **kwargs):
+        """As in Transformers, but a checkpoint whose shapes do not fit the config is refused
+        with a ValueError that names the tensors (unless ``ignore_mismatched_sizes=True``)."""
+        try:
+            return super().from_pretrained(pretrained_model_name_or_path, *args, **kwargs)
+        except RuntimeError as error:
+            if "mismatched" not in str(error) and "size mismatch" not in str(error):
+                raise
+            config = kwargs.get("config") or cls.config_class.from_pretrained(pretrained_model_name_or_path)
+            details = "; ".join(_shape_mismatches(cls, config, pretrained_model_name_or_path)) or str(error)
+            raise ValueError(
+                f"the checkpoint at {pretrained_model_name_or_path} does not fit the config of {cls.__name__}: "
+                f"{details}. Pass ignore_mismatched_sizes=True to re-initialise those weights."
+            ) from error
+
     # ------------------------------------------------------------------ saving
     def save_pretrained(self, save_directory: str | os.PathLike, *args, **kwargs):
         """Save weights (safetensors), config with ``auto_map`` and the flat code bundle."""
@@ -114,3 +131,21 @@ class StrataPreTrainedModel(PreTrainedModel):
         if kwargs.get("is_main_process", True):
             write_code_bundle(save_directory, [config_module, modeling_module])
 
+
+
+def _shape_mismatches(cls, config, folder) -> list[str]:
+    """'name: checkpoint (a, b) vs model (c, d)' for every tensor of a local checkpoint that does not fit."""
+    from pathlib import Path
+
+    from safetensors import safe_open
+
+    with torch.device("meta"):
+        expected = {k: tuple(v.shape) for k, v in cls(config).state_dict().items()}
+    found = []
+    for file in sorted(Path(folder).glob("*.safetensors")) if Path(folder).is_dir() else []:
+        with safe_open(str(file), framework="pt") as f:
+            for key in f.keys():
+                shape = tuple(f.get_slice(key).get_shape())
+                if key in expected and expected[key] != shape:
+                    found.append(f"{key}: checkpoint {shape} vs model {expected[key]}")
+    return found

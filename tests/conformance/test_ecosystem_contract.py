@@ -90,8 +90,8 @@ def test_gradient_checkpointing_gives_same_gradients(case):
         return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
 
     plain = grads()
-    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    assert model.is_gradient_checkpointing
+    model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    assert model.is_activation_checkpointing
     ckpt = grads()
     assert plain.keys() == ckpt.keys()
     for name in plain:
