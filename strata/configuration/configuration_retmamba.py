@@ -56,7 +56,8 @@ class RetMambaConfig(StrataConfigMixin, PretrainedConfig):
         layer_pattern: one character per block, from ``"ARMF"`` (see the module docstring).
             A pattern shorter than ``num_hidden_layers`` is repeated to fill it.
         num_hidden_layers: number of blocks (defaults to ``len(layer_pattern)``).
-        intermediate_size: width of the SwiGLU MLP of every block.
+        intermediate_size: width of the SwiGLU MLP of every block; 0 means blocks without
+            MLP (the layout of the original Mamba, used when converting its checkpoints).
         num_attention_heads: heads of attention (``A``) and retention (``R``, ``F``) mixers.
         num_key_value_heads: key/value heads of attention (grouped-query attention).
         rope_theta: rotary base of attention and retention.
@@ -142,7 +143,7 @@ class RetMambaConfig(StrataConfigMixin, PretrainedConfig):
             )
         if intermediate_size is None:
             intermediate_size = 64 * math.ceil(8 * hidden_size / 3 / 64)
-        check_int("intermediate_size", intermediate_size, 1)
+        check_int("intermediate_size", intermediate_size, 0)
         check_float("rope_theta", rope_theta, 0.0, low_inclusive=False)
         check_int("max_position_embeddings", max_position_embeddings, 1)
         check_float("rms_norm_eps", rms_norm_eps, 0.0, 1.0, low_inclusive=False)

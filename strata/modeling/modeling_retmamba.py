@@ -67,13 +67,16 @@ class RetMambaBlock(GradientCheckpointingLayer):
         super().__init__()
         self.mixer_norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.mixer = MIXER_CLASSES[config.layer_pattern[layer_idx]](config, layer_idx)
-        self.mlp_norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
-        self.mlp = SwiGLUMLP(config.hidden_size, config.intermediate_size)
+        if config.intermediate_size:
+            self.mlp_norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+            self.mlp = SwiGLUMLP(config.hidden_size, config.intermediate_size)
+        else:  # mixer-only blocks, as in the original Mamba
+            self.mlp_norm = self.mlp = None
 
     def forward(self, hidden_states, position_embeddings, attention_mask=None, token_mask=None, cache=None):
         h = hidden_states + self.mixer(self.mixer_norm(hidden_states), position_embeddings, attention_mask,
                                        token_mask, cache)
-        return h + self.mlp(self.mlp_norm(h))
+        return h if self.mlp is None else h + self.mlp(self.mlp_norm(h))
 
 
 class RetMambaPreTrainedModel(StrataPreTrainedModel):
