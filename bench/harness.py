@@ -1,0 +1,290 @@
+"""Measurement primitives of the benchmarks: timing, memory, training and decoding loops.
+
+Conventions
+- Every timing is the median of ``repeats`` runs after ``warmup`` untimed runs.
+- Training step = forward with labels + backward + AdamW step (+ zero_grad).
+- Decoding throughput is measured on a pre-filled cache: the prompt minus its last
+  token goes through one forward (timed separately as prefill), then ``generate`` is
+  called on the whole prompt with a copy of that cache and emits ``new_tokens`` tokens
+  (``new_tokens`` one-token forwards and as many greedy picks); the time divided by
+  ``new_tokens`` is the per-token latency. Models whose ``generate`` does not accept a
+  pre-filled cache (HF Mamba takes ``cache_params``) are timed by difference:
+  ``(t(generate N + 1) - t(generate 1)) / N``.
+- Memory: ``state_bytes`` is the sum of the sizes of the cache tensors; ``peak_rss`` is
+  the peak resident set size reached during a region minus the resident size at its
+  start (Linux: VmHWM is reset through /proc/self/clear_refs; freed heap memory is
+  returned to the OS with malloc_trim first, so reuse of freed pages does not hide
+  growth).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import ctypes
+import gc
+import os
+import re
+import statistics
+import time
+
+import torch
+import transformers
+
+# ----------------------------------------------------------------------------- machine
+
+
+def load_average() -> tuple[float, float, float]:
+    return tuple(round(x, 2) for x in os.getloadavg())
+
+
+def uptime_line() -> str:
+    try:
+        with open("/proc/uptime") as f:
+            up = float(f.read().split()[0])
+    except OSError:
+        up = float("nan")
+    one, five, fifteen = load_average()
+    return f"up {up / 60:.0f} min, load average: {one:.2f}, {five:.2f}, {fifteen:.2f}"
+
+
+def wait_for_quiet(max_load: float, timeout_s: float, poll_s: float = 15.0, log=print) -> float:
+    """Wait (up to ``timeout_s``) until the 1-minute load average is below ``max_load``."""
+    start = time.time()
+    while True:
+        one = os.getloadavg()[0]
+        if one < max_load or time.time() - start >= timeout_s:
+            return one
+        log(f"  load average {one:.2f} >= {max_load}: waiting for the machine to quieten ...")
+        time.sleep(poll_s)
+
+
+# ----------------------------------------------------------------------------- memory
+
+_LIBC = None
+
+
+def _malloc_trim() -> None:
+    global _LIBC
+    try:
+        if _LIBC is None:
+            _LIBC = ctypes.CDLL("libc.so.6")
+        _LIBC.malloc_trim(0)
+    except OSError:
+        pass
+
+
+def _status_kib(field: str) -> int | None:
+    try:
+        with open("/proc/self/status") as f:
+            match = re.search(rf"^{field}:\s+(\d+) kB", f.read(), re.M)
+        return int(match.group(1)) if match else None
+    except OSError:
+        return None
+
+
+class PeakRSS:
+    """Context manager: ``.delta`` = peak RSS during the block minus RSS at its start (bytes)."""
+
+    def __enter__(self):
+        gc.collect()
+        _malloc_trim()
+        self.supported = True
+        try:
+            with open("/proc/self/clear_refs", "w") as f:
+                f.write("5")  # reset VmHWM to the current RSS (Linux >= 4.0)
+        except OSError:
+            self.supported = False
+        self.start = _status_kib("VmRSS")
+        return self
+
+    def __exit__(self, *exc):
+        peak = _status_kib("VmHWM")
+        if not self.supported or peak is None or self.start is None:
+            self.delta = None
+        else:
+            self.delta = max(0, peak - self.start) * 1024
+        return False
+
+
+def tensors_in(obj, seen=None) -> list[torch.Tensor]:
+    """Every distinct tensor reachable from a cache object (attributes, dicts, lists)."""
+    if seen is None:
+        seen = set()
+    found = []
+    if isinstance(obj, torch.Tensor):
+        key = (obj.data_ptr(), obj.numel(), obj.dtype)
+        if key not in seen:
+            seen.add(key)
+            found.append(obj)
+    elif isinstance(obj, dict):
+        for value in obj.values():
+            found += tensors_in(value, seen)
+    elif isinstance(obj, (list, tuple)):
+        for value in obj:
+            found += tensors_in(value, seen)
+    elif hasattr(obj, "__dict__") and not isinstance(obj, (type, torch.nn.Module)):
+        for value in vars(obj).values():
+            found += tensors_in(value, seen)
+    return found
+
+
+def state_bytes(cache) -> int:
+    return sum(t.numel() * t.element_size() for t in tensors_in(cache))
+
+
+# ----------------------------------------------------------------------------- timing
+
+
+def median_time(fn, repeats: int, warmup: int = 1) -> tuple[float, list[float]]:
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times), times
+
+
+# ----------------------------------------------------------------------------- training
+
+
+def train_throughput(model, batch: int, seq: int, steps: int, warmup: int, seed: int = 0) -> dict:
+    """Training tokens/s (forward + backward + AdamW) and the peak RSS delta of one step."""
+    model.train()
+    gen = torch.Generator().manual_seed(seed)
+    ids = torch.randint(3, model.config.vocab_size, (batch, seq), generator=gen)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+
+    def step():
+        out = model(input_ids=ids, labels=ids, use_cache=False)
+        out.loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    for _ in range(max(1, warmup)):  # the first step also creates the optimizer state
+        step()
+    with PeakRSS() as mem:
+        step()
+    median, times = median_time(step, steps, warmup=0)
+    model.eval()
+    del opt
+    gc.collect()
+    return {
+        "batch": batch,
+        "seq": seq,
+        "tokens_per_s": batch * seq / median,
+        "step_s": median,
+        "step_s_all": [round(t, 4) for t in times],
+        "peak_rss_bytes": mem.delta,
+    }
+
+
+# ----------------------------------------------------------------------------- decoding
+
+HF_GENERATE = transformers.GenerationMixin._sample
+
+
+def _generate(model, ids, new_tokens, mode, cache=None):
+    kwargs = dict(max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False,
+                  pad_token_id=model.config.pad_token_id or 0)
+    if mode == "hf":
+        kwargs["custom_generate"] = HF_GENERATE
+    if cache is not None:
+        kwargs["past_key_values"] = cache
+    return model.generate(ids, **kwargs)
+
+
+def _supports_prefilled_cache(model) -> bool:
+    return not isinstance(model, transformers.MambaForCausalLM)
+
+
+@torch.no_grad()
+def prefill(model, ids) -> tuple[object, float]:
+    start = time.perf_counter()
+    out = model(input_ids=ids, use_cache=True, logits_to_keep=1)
+    elapsed = time.perf_counter() - start
+    cache = getattr(out, "past_key_values", None)
+    if cache is None:
+        cache = getattr(out, "cache_params", None)
+    return cache, elapsed
+
+
+def decode_throughput(model, prompt_len: int, new_tokens: int, repeats: int, mode: str = "default",
+                      seed: int = 0, check_equal: bool = False) -> dict:
+    """Per-token decoding latency after a ``prompt_len``-token prompt (batch 1, greedy).
+
+    mode: ``"default"`` = the model's own ``generate`` (strata: block generation);
+    ``"hf"`` = ``generate(custom_generate=GenerationMixin._sample)``, the plain
+    Transformers decoding loop on the same model.
+    """
+    model.eval()
+    gen = torch.Generator().manual_seed(seed)
+    ids = torch.randint(3, model.config.vocab_size, (1, prompt_len), generator=gen)
+    result = {"prompt_len": prompt_len, "new_tokens": new_tokens, "mode": mode}
+    if _supports_prefilled_cache(model):
+        cache, _ = prefill(model, ids[:, :-1])  # warm-up of the prefill path
+        del cache
+        gc.collect()
+        with PeakRSS() as mem_prefill:
+            cache, prefill_s = prefill(model, ids[:, :-1])
+        result["prefill_s"] = prefill_s
+        result["prefill_tokens_per_s"] = (prompt_len - 1) / prefill_s
+        result["prefill_peak_rss_bytes"] = mem_prefill.delta
+        result["state_bytes"] = state_bytes(cache)
+        result["method"] = "prefilled cache"
+        _generate(model, ids, min(4, new_tokens), mode, copy.deepcopy(cache))  # warm-up
+        times = []
+        mem_deltas = []
+        out = None
+        for _ in range(repeats):
+            work = copy.deepcopy(cache)
+            gc.collect()
+            with PeakRSS() as mem:
+                start = time.perf_counter()
+                out = _generate(model, ids, new_tokens, mode, work)
+                times.append(time.perf_counter() - start)
+            mem_deltas.append(mem.delta)
+            del work
+        per_token = statistics.median(times) / new_tokens
+        result["decode_peak_rss_bytes"] = None if None in mem_deltas else int(statistics.median(mem_deltas))
+        if check_equal:
+            result["output"] = out[0, prompt_len:].tolist()
+        del cache
+    else:
+        result["method"] = "difference"
+        _generate(model, ids, 2, mode)  # warm-up
+        t1s, tns = [], []
+        for _ in range(repeats):
+            start = time.perf_counter()
+            _generate(model, ids, 1, mode)
+            t1s.append(time.perf_counter() - start)
+            with PeakRSS() as mem:
+                start = time.perf_counter()
+                _generate(model, ids, new_tokens + 1, mode)
+                tns.append(time.perf_counter() - start)
+        t1 = statistics.median(t1s)
+        per_token = max(statistics.median(tns) - t1, 1e-9) / new_tokens
+        result["prefill_s"] = t1
+        result["prefill_tokens_per_s"] = prompt_len / t1
+        cache, _ = prefill(model, ids)
+        result["state_bytes"] = state_bytes(cache)
+        result["decode_peak_rss_bytes"] = mem.delta  # includes the prefill
+        del cache
+        times = tns
+    gc.collect()
+    result["ms_per_token"] = per_token * 1e3
+    result["tokens_per_s"] = 1.0 / per_token
+    result["times_s"] = [round(t, 4) for t in times]
+    return result
+
+
+@contextlib.contextmanager
+def threads(n: int):
+    old = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(old)

@@ -1,0 +1,393 @@
+"""strata benchmarks (foundation issue, section 5): strata presets against Llama and HF Mamba.
+
+    .venv/bin/python bench/run_all.py            # full run (~10-15 min on 2 CPU cores)
+    .venv/bin/python bench/run_all.py --quick    # smaller shapes and fewer repeats (~3 min)
+
+Everything runs in one process, on the same shapes, with torch.set_num_threads(2):
+
+1. training tokens/s (forward + backward + AdamW) and peak RSS of a step, every
+   strata ``-small`` preset against ``LlamaForCausalLM`` at matched width/depth;
+   HF ``MambaForCausalLM`` (sequential scan on CPU) on a shorter sequence, with strata's
+   ``mamba`` preset timed again on that same shape;
+2. greedy decoding after prompts of 256 .. 16k tokens (batch 1): per-token latency and
+   tokens/s of strata's block ``generate``, of the plain Transformers loop on the same
+   model (``custom_generate=GenerationMixin._sample``, prompts 256 and 4096) and of
+   Llama's / HF Mamba's own ``generate``; prefill tokens/s; cache size in bytes; peak
+   RSS during prefill and decoding;
+3. a table of ratios and of the targets, a JSON file with every number and a PNG of
+   throughput and memory against context length.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import gc
+import json
+import os
+import platform
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import torch  # noqa: E402
+import transformers  # noqa: E402
+
+import harness  # noqa: E402
+import models  # noqa: E402
+
+MB = 1024 * 1024
+
+FULL = dict(
+    train_batch=4, train_seq=256, train_warmup=2, train_steps=5,
+    hf_mamba_seq=32, hf_mamba_steps=2,
+    contexts=[256, 1024, 4096, 16384], hf_contexts=[256, 4096], new_tokens=64, repeats=3,
+)
+QUICK = dict(
+    train_batch=2, train_seq=128, train_warmup=1, train_steps=3,
+    hf_mamba_seq=16, hf_mamba_steps=1,
+    contexts=[256, 1024, 4096], hf_contexts=[256, 4096], new_tokens=16, repeats=2,
+)
+TINY = dict(  # smoke test of the harness (tests/test_bench_smoke.py)
+    train_batch=1, train_seq=32, train_warmup=1, train_steps=1,
+    hf_mamba_seq=8, hf_mamba_steps=1,
+    contexts=[32, 64], hf_contexts=[32, 64], new_tokens=4, repeats=1,
+)
+
+DECODE_MODELS = ["transformer", "retnet", "mamba", "hybrid", "fusion", "llama"]
+TRAIN_MODELS = ["transformer", "retnet", "mamba", "hybrid", "fusion", "llama"]
+
+
+def log(*args):
+    print(*args, flush=True)
+
+
+# ----------------------------------------------------------------------------- sections
+
+
+def run_training(settings, size, results):
+    log(f"\n== training: batch {settings['train_batch']} x seq {settings['train_seq']} "
+        f"(forward + backward + AdamW), median of {settings['train_steps']} steps")
+    train = results.setdefault("train", {})
+    for name in TRAIN_MODELS:
+        model = models.build(name, size)
+        r = harness.train_throughput(model, settings["train_batch"], settings["train_seq"],
+                                     settings["train_steps"], settings["train_warmup"])
+        train[name] = r
+        log(f"  {name:12s} {r['tokens_per_s']:9.0f} tok/s   step {r['step_s'] * 1e3:7.1f} ms   "
+            f"peak +{_mb(r['peak_rss_bytes'])} MB")
+        del model
+        gc.collect()
+
+    # HF Mamba runs a Python loop over positions on CPU: a short sequence, a few steps, and
+    # strata's mamba preset again on exactly that shape.
+    seq = settings["hf_mamba_seq"]
+    log(f"== training, HF Mamba shape: batch {settings['train_batch']} x seq {seq}, "
+        f"median of {settings['hf_mamba_steps']} steps")
+    short = results.setdefault("train_short", {})
+    for name in ("hf-mamba", "mamba"):
+        model = models.build(name, size)
+        steps = settings["hf_mamba_steps"] if name == "hf-mamba" else settings["train_steps"]
+        r = harness.train_throughput(model, settings["train_batch"], seq, steps, warmup=1)
+        short[name] = r
+        log(f"  {name:12s} {r['tokens_per_s']:9.1f} tok/s   step {r['step_s'] * 1e3:7.1f} ms   "
+            f"peak +{_mb(r['peak_rss_bytes'])} MB")
+        del model
+        gc.collect()
+
+
+def run_decoding(settings, size, results):
+    log(f"\n== decoding: batch 1, greedy, {settings['new_tokens']} new tokens after a prompt, "
+        f"median of {settings['repeats']}")
+    decode = results.setdefault("decode", {})
+    for name in DECODE_MODELS + ["hf-mamba"]:
+        model = models.build(name, size).eval()
+        modes = ["default"]
+        if name in models.STRATA_FAMILIES:
+            modes.append("hf")
+        contexts = settings["hf_contexts"] if name == "hf-mamba" else settings["contexts"]
+        for context in contexts:
+            for mode in modes:
+                if mode == "hf" and context not in settings["hf_contexts"]:
+                    continue
+                r = harness.decode_throughput(model, context, settings["new_tokens"], settings["repeats"],
+                                              mode=mode, check_equal=name in models.STRATA_FAMILIES)
+                decode.setdefault(name, {}).setdefault(mode, {})[str(context)] = r
+                log(f"  {name:12s} {mode:7s} prompt {context:6d}: {r['ms_per_token']:7.2f} ms/token "
+                    f"({r['tokens_per_s']:6.1f} tok/s)   prefill {r['prefill_tokens_per_s']:8.0f} tok/s   "
+                    f"cache {r['state_bytes'] / MB:8.2f} MB   decode peak +{_mb(r['decode_peak_rss_bytes'])} MB")
+            if "hf" in modes and str(context) in decode[name].get("hf", {}):
+                a = decode[name]["default"][str(context)].pop("output", None)
+                b = decode[name]["hf"][str(context)].pop("output", None)
+                decode[name].setdefault("same_greedy_output", {})[str(context)] = a == b
+            for mode in modes:
+                decode[name][mode].get(str(context), {}).pop("output", None)
+        del model
+        gc.collect()
+
+
+# ----------------------------------------------------------------------------- summary
+
+
+def _mb(value):
+    return "  n/a" if value is None else f"{value / MB:5.1f}"
+
+
+def _get(d, *keys):
+    for k in keys:
+        if not isinstance(d, dict) or k not in d:
+            return None
+        d = d[k]
+    return d
+
+
+def _ratio(a, b):
+    return None if a is None or b is None or b == 0 else a / b
+
+
+def summarize(results, settings):
+    params = results["models"]
+    train, short, decode = results.get("train", {}), results.get("train_short", {}), results.get("decode", {})
+    lo, hi = str(settings["hf_contexts"][0]), str(settings["hf_contexts"][-1])
+    rows = []
+    for name in models.STRATA_FAMILIES:
+        ref = "hf-mamba" if name == "mamba" else "llama"
+        row = {"model": name, "reference": ref, "parameters": params[name]["parameters"],
+               "ref_parameters": params[ref]["parameters"]}
+        if name == "mamba":
+            row["train_x_ref"] = _ratio(_get(short, "mamba", "tokens_per_s"), _get(short, "hf-mamba", "tokens_per_s"))
+            row["train_peak_x_ref"] = _ratio(_get(short, "mamba", "peak_rss_bytes"),
+                                             _get(short, "hf-mamba", "peak_rss_bytes"))
+        else:
+            row["train_x_ref"] = _ratio(_get(train, name, "tokens_per_s"), _get(train, ref, "tokens_per_s"))
+            row["train_peak_x_ref"] = _ratio(_get(train, name, "peak_rss_bytes"), _get(train, ref, "peak_rss_bytes"))
+        row["train_x_llama"] = _ratio(_get(train, name, "tokens_per_s"), _get(train, "llama", "tokens_per_s"))
+        row["train_tokens_per_s"] = _get(train, name, "tokens_per_s")
+        for ctx in (lo, hi):
+            tps = _get(decode, name, "default", ctx, "tokens_per_s")
+            row[f"decode_tps_{ctx}"] = tps
+            row[f"decode_x_ref_{ctx}"] = _ratio(tps, _get(decode, ref, "default", ctx, "tokens_per_s"))
+            row[f"decode_x_llama_{ctx}"] = _ratio(tps, _get(decode, "llama", "default", ctx, "tokens_per_s"))
+            row[f"block_x_hf_{ctx}"] = _ratio(tps, _get(decode, name, "hf", ctx, "tokens_per_s"))
+            row[f"state_x_ref_{ctx}"] = _ratio(_get(decode, name, "default", ctx, "state_bytes"),
+                                               _get(decode, ref, "default", ctx, "state_bytes"))
+            row[f"decode_peak_x_ref_{ctx}"] = _ratio(_get(decode, name, "default", ctx, "decode_peak_rss_bytes"),
+                                                     _get(decode, ref, "default", ctx, "decode_peak_rss_bytes"))
+        row["latency_hi_over_lo"] = _ratio(_get(decode, name, "default", hi, "ms_per_token"),
+                                           _get(decode, name, "default", lo, "ms_per_token"))
+        rows.append(row)
+    results["summary"] = rows
+
+    targets = []
+
+    def target(name, value, threshold, op=">="):
+        ok = None if value is None else (value >= threshold if op == ">=" else value <= threshold)
+        targets.append({"target": name, "value": value, "threshold": f"{op} {threshold}", "met": ok})
+
+    by = {r["model"]: r for r in rows}
+    target("transformer training tokens/s vs Llama", by["transformer"]["train_x_ref"], 0.9)
+    target("mamba training tokens/s vs HF Mamba (same shape)", by["mamba"]["train_x_ref"], 50)
+    target("mamba training tokens/s vs transformer preset",
+           _ratio(_get(train, "mamba", "tokens_per_s"), _get(train, "transformer", "tokens_per_s")), 0.5)
+    p_m, p_t = params["mamba"]["parameters"], params["transformer"]["parameters"]
+    target("mamba vs transformer, per parameter (tokens/s x params)",
+           _ratio(_get(train, "mamba", "tokens_per_s") and _get(train, "mamba", "tokens_per_s") * p_m,
+                  _get(train, "transformer", "tokens_per_s") and _get(train, "transformer", "tokens_per_s") * p_t), 0.5)
+    for name in models.RECURRENT_FAMILIES:
+        target(f"{name}: latency/token at {hi} vs {lo} prompt", by[name]["latency_hi_over_lo"], 1.2, "<=")
+        sizes = [r["state_bytes"] for r in _get(decode, name, "default").values()] if _get(decode, name, "default") else []
+        flat = (max(sizes) / min(sizes)) if sizes else None
+        target(f"{name}: cache bytes, largest / smallest context", flat, 1.0, "<=")
+    for name in models.STRATA_FAMILIES:
+        for ctx in (lo, hi):
+            target(f"{name}: block generate vs HF generate, greedy tokens/s, prompt {ctx}",
+                   by[name][f"block_x_hf_{ctx}"], 2.0)
+    results["targets"] = targets
+
+
+def _fmt(value, spec=".2f", none="-"):
+    return none if value is None else format(value, spec)
+
+
+def print_tables(results, settings):
+    params = results["models"]
+    train, short, decode = results.get("train", {}), results.get("train_short", {}), results.get("decode", {})
+    lo, hi = str(settings["hf_contexts"][0]), str(settings["hf_contexts"][-1])
+    lines = []
+    add = lines.append
+    add(f"\nmachine load: start {results['meta']['load_start']}  end {results['meta'].get('load_end')}")
+    add(f"\ntraining, batch {settings['train_batch']} x seq {settings['train_seq']} "
+        f"(HF Mamba shape: batch {settings['train_batch']} x seq {settings['hf_mamba_seq']})")
+    add("| model | params | train tok/s | peak RSS MB | x Llama tok/s | x Llama peak |")
+    add("| --- | ---: | ---: | ---: | ---: | ---: |")
+    for name in TRAIN_MODELS:
+        r = train.get(name)
+        if r is None:
+            continue
+        ll = train.get("llama", {})
+        add(f"| {name} | {params[name]['parameters'] / 1e6:.2f}M | {r['tokens_per_s']:.0f} | "
+            f"{_mb(r['peak_rss_bytes']).strip()} | {_fmt(_ratio(r['tokens_per_s'], ll.get('tokens_per_s')))} | "
+            f"{_fmt(_ratio(r['peak_rss_bytes'], ll.get('peak_rss_bytes')))} |")
+    for name in ("hf-mamba", "mamba"):
+        r = short.get(name)
+        if r is not None:
+            add(f"| {name} (seq {r['seq']}) | {params[name]['parameters'] / 1e6:.2f}M | {r['tokens_per_s']:.1f} | "
+                f"{_mb(r['peak_rss_bytes']).strip()} | | |")
+
+    add(f"\ndecoding, batch 1, greedy, {settings['new_tokens']} new tokens: tokens/s (ms/token)")
+    ctxs = [str(c) for c in settings["contexts"]]
+    add("| model | mode | " + " | ".join(f"prompt {c}" for c in ctxs) + " | cache MB (largest prompt) |")
+    add("| --- | --- | " + " | ".join("---:" for _ in ctxs) + " | ---: |")
+    for name in DECODE_MODELS + ["hf-mamba"]:
+        for mode, label in (("default", "generate" if name in models.REFERENCES else "block generate"),
+                            ("hf", "HF _sample loop")):
+            runs = _get(decode, name, mode)
+            if not runs:
+                continue
+            cells = []
+            for c in ctxs:
+                r = runs.get(c)
+                cells.append("" if r is None else f"{r['tokens_per_s']:.1f} ({r['ms_per_token']:.2f})")
+            last = runs[max(runs, key=int)]
+            add(f"| {name} | {label} | " + " | ".join(cells) + f" | {last['state_bytes'] / MB:.2f} |")
+
+    add(f"\nratios (strata preset / reference; reference = HF Mamba for mamba, else Llama)")
+    add(f"| model | ref | train tok/s | train peak | decode tok/s @{lo} | @{hi} | x Llama @{lo} | @{hi} | "
+        f"cache bytes @{hi} | decode peak @{hi} | block/HF loop @{lo} | @{hi} | latency {hi}/{lo} |")
+    add("| --- | --- |" + " ---: |" * 11)
+    for row in results["summary"]:
+        add(f"| {row['model']} | {row['reference']} | {_fmt(row['train_x_ref'])} | {_fmt(row['train_peak_x_ref'])} | "
+            f"{_fmt(row[f'decode_x_ref_{lo}'])} | {_fmt(row[f'decode_x_ref_{hi}'])} | "
+            f"{_fmt(row[f'decode_x_llama_{lo}'])} | {_fmt(row[f'decode_x_llama_{hi}'])} | "
+            f"{_fmt(row[f'state_x_ref_{hi}'], '.3f')} | {_fmt(row[f'decode_peak_x_ref_{hi}'])} | "
+            f"{_fmt(row[f'block_x_hf_{lo}'])} | {_fmt(row[f'block_x_hf_{hi}'])} | {_fmt(row['latency_hi_over_lo'])} |")
+
+    add("\ntargets")
+    add("| target | measured | threshold | met |")
+    add("| --- | ---: | --- | --- |")
+    for t in results["targets"]:
+        met = "n/a" if t["met"] is None else ("yes" if t["met"] else "**no**")
+        add(f"| {t['target']} | {_fmt(t['value'])} | {t['threshold']} | {met} |")
+    text = "\n".join(lines)
+    log(text)
+    return text
+
+
+def plot(results, settings, path: Path):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    decode = results.get("decode", {})
+    fig, axes = plt.subplots(1, 3, figsize=(16, 4.8))
+    for name in DECODE_MODELS + ["hf-mamba"]:
+        runs = _get(decode, name, "default")
+        if not runs:
+            continue
+        ctx = sorted(int(c) for c in runs)
+        style = dict(marker="o", linestyle="--" if name in models.REFERENCES else "-", label=name)
+        axes[0].plot(ctx, [runs[str(c)]["tokens_per_s"] for c in ctx], **style)
+        axes[1].plot(ctx, [runs[str(c)]["prefill_tokens_per_s"] for c in ctx], **style)
+        axes[2].plot(ctx, [runs[str(c)]["state_bytes"] / MB for c in ctx], **style)
+    titles = ("greedy decoding (batch 1): tokens/s", "prefill: tokens/s", "cache size after the prompt: MB")
+    for ax, title in zip(axes, titles):
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("context (prompt) length, tokens")
+        ax.set_title(title)
+        ax.grid(True, which="both", alpha=0.3)
+    axes[2].set_yscale("log")
+    axes[0].legend()
+    meta = results["meta"]
+    fig.suptitle(f"strata -small presets vs Llama / HF Mamba (hidden 256, 6 layers), {meta['threads']} CPU threads, "
+                 f"load {meta['load_start'][0]} -> {meta.get('load_end', ['?'])[0]}")
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    log(f"plot: {path}")
+
+
+# ----------------------------------------------------------------------------- main
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="smaller shapes, fewer repeats (~3 min)")
+    parser.add_argument("--tiny", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--size", default="small", choices=["tiny", "small", "base"], help="preset size")
+    parser.add_argument("--sections", default="train,decode", help="comma list of: train, decode")
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--json", type=Path, default=None,
+                        help="results file (default docs/benchmarks.json; --quick: bench/results/quick.json)")
+    parser.add_argument("--plot", type=Path, default=None,
+                        help="PNG (default docs/figures/throughput_vs_context.png; --quick: bench/results/quick.png)")
+    parser.add_argument("--max-load", type=float, default=None,
+                        help="wait (up to --wait seconds) until the 1-minute load average is below this")
+    parser.add_argument("--wait", type=float, default=600.0)
+    args = parser.parse_args(argv)
+
+    settings = dict(TINY if args.tiny else QUICK if args.quick else FULL)
+    default_json = ROOT / ("bench/results/quick.json" if (args.quick or args.tiny) else "docs/benchmarks.json")
+    default_png = ROOT / ("bench/results/quick.png" if (args.quick or args.tiny) else
+                          "docs/figures/throughput_vs_context.png")
+    json_path, png_path = args.json or default_json, args.plot or default_png
+
+    torch.set_num_threads(args.threads)
+    transformers.logging.set_verbosity_error()
+    if args.max_load is not None:
+        harness.wait_for_quiet(args.max_load, args.wait, log=log)
+
+    command = "python bench/run_all.py" + (" " + " ".join(sys.argv[1:]) if argv is None and sys.argv[1:] else "")
+    results = {
+        "meta": {
+            "command": command,
+            "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+            "machine": f"{platform.machine()} {platform.processor() or ''} {os.cpu_count()} CPUs".strip(),
+            "python": platform.python_version(),
+            "torch": torch.__version__,
+            "transformers": transformers.__version__,
+            "threads": torch.get_num_threads(),
+            "size": args.size,
+            "settings": settings,
+            "load_start": list(harness.load_average()),
+            "uptime_start": harness.uptime_line(),
+        },
+        "models": {},
+    }
+    log(f"strata bench: {command}\n  {results['meta']['uptime_start']}  threads {torch.get_num_threads()}")
+    started = time.time()
+    for name in models.STRATA_FAMILIES + models.REFERENCES:
+        model = models.build(name, args.size)
+        results["models"][name] = models.describe(model)
+        del model
+    for name, d in results["models"].items():
+        log(f"  {name:12s} {d['class']:22s} {d['parameters'] / 1e6:6.2f}M parameters, hidden {d['hidden_size']}, "
+            f"{d['num_hidden_layers']} layers")
+
+    sections = {s.strip() for s in args.sections.split(",") if s.strip()}
+    if "train" in sections:
+        run_training(settings, args.size, results)
+    if "decode" in sections:
+        run_decoding(settings, args.size, results)
+
+    results["meta"]["load_end"] = list(harness.load_average())
+    results["meta"]["uptime_end"] = harness.uptime_line()
+    results["meta"]["elapsed_s"] = round(time.time() - started, 1)
+    if {"train", "decode"} <= sections:
+        summarize(results, settings)
+        results["table"] = print_tables(results, settings)
+    json_path.parent.mkdir(parents=True, exist_ok=True)
+    json_path.write_text(json.dumps(results, indent=1))
+    log(f"\nresults: {json_path}  ({results['meta']['elapsed_s']} s; {results['meta']['uptime_end']})")
+    if "decode" in sections:
+        plot(results, settings, png_path)
+    return results
+
+
+if __name__ == "__main__":
+    main()
