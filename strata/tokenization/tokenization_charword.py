@@ -29,6 +29,8 @@ only the standard library, numpy, transformers and jieba.
 from __future__ import annotations
 
 import codecs
+import contextlib
+import gc
 import json
 import logging
 import os
@@ -38,6 +40,7 @@ import unicodedata
 from collections import Counter
 from collections.abc import Iterable, Mapping
 from itertools import repeat
+from typing import NamedTuple
 
 import numpy as np
 from transformers import PreTrainedTokenizer
@@ -82,39 +85,61 @@ codecs.register_error(_DECODE_ERRORS, _decode_error_handler)
 # Word segmentation
 # ---------------------------------------------------------------------------------
 
-_UNIT_RE = None
 _JIEBA = None
 _LOCK = threading.Lock()
+_BASIC_MARKS = "\u0300-\u036f"  # combining diacritics of decomposed Latin, Greek, Cyrillic
 
 
-def _combining_marks_class() -> str:
-    """Regex class body of every Unicode combining mark (categories Mn, Mc, Me)."""
-    ranges, start, prev = [], None, None
-    for cp in range(MAX_CODE_POINT + 1):
-        if unicodedata.category(chr(cp))[0] == "M":
-            if start is None:
-                start = cp
-            prev = cp
-        elif start is not None:
-            ranges.append((start, prev))
-            start = None
-    return "".join(chr(a) if a == b else f"{chr(a)}-{chr(b)}" for a, b in ranges)
+def _unit_pattern(joiners: str) -> re.Pattern:
+    """A unit of non-Han text: a run of letters/digits (`str.isalnum`, Han excluded) and
+    joiners (apostrophes, combining marks), a run of whitespace, or any other character.
+    `L+(?:J+L*)*|J+(?:L+J*)*` is `(?:L|J)+` unrolled, which `re` runs twice as fast."""
+    letter, joiner = f"[^\\W_{_HAN}]", f"[{_APOSTROPHES}{joiners}]"
+    return re.compile(f"{letter}+(?:{joiner}+{letter}*)*|{joiner}+(?:{letter}+{joiner}*)*|\\s+|.", re.DOTALL)
 
 
-def _unit_re() -> re.Pattern:
-    """Units of non-Han text: a letter run (letters, digits, apostrophes, combining
-    marks, Han excluded), a whitespace run, or any other single character."""
-    global _UNIT_RE
-    if _UNIT_RE is None:
+# ASCII text: the same units (letters and digits are [A-Za-z0-9], the one joiner is ').
+_ASCII_UNITS = re.compile(r"[A-Za-z0-9']+|\s+|.", re.DOTALL)
+_BASIC_UNITS = _unit_pattern(_BASIC_MARKS)
+_FULL_UNITS = None  # every combining mark as a joiner; built on first need
+_OTHER_MARKS = None  # (bool table over code points, set of characters): marks beyond _BASIC_MARKS
+_SHORT_UNITS: dict[str, list[str]] = {}  # units of short non-Han pieces ("，", "。\n\n", ...)
+
+
+def _full_units() -> tuple[re.Pattern, tuple[np.ndarray, frozenset]]:
+    """`re` tests a class of hundreds of ranges slowly (~0.2 us per character), so the
+    pattern with every combining mark is used only for text that holds such a mark."""
+    global _FULL_UNITS, _OTHER_MARKS
+    if _FULL_UNITS is None:
         with _LOCK:
-            if _UNIT_RE is None:
-                letter = f"[^\\W_{_HAN}]"
-                joiner = f"[{_APOSTROPHES}{_combining_marks_class()}]"
-                # (letter|joiner)+ written unrolled: same matches, twice as fast in `re`.
-                _UNIT_RE = re.compile(
-                    f"{letter}+(?:{joiner}+{letter}*)*|{joiner}+(?:{letter}+{joiner}*)*|\\s+|.", re.DOTALL
+            if _FULL_UNITS is None:
+                category = unicodedata.category
+                marks = np.fromiter(
+                    (category(c)[0] == "M" for c in map(chr, range(MAX_CODE_POINT + 1))),
+                    dtype=bool,
+                    count=MAX_CODE_POINT + 1,
                 )
-    return _UNIT_RE
+                edges = np.flatnonzero(np.diff(np.concatenate([[False], marks, [False]]).astype(np.int8)))
+                ranges = zip(edges[0::2].tolist(), (edges[1::2] - 1).tolist())
+                body = "".join(chr(a) if a == b else f"{chr(a)}-{chr(b)}" for a, b in ranges)
+                other = marks.copy()
+                other[0x300:0x370] = False
+                _OTHER_MARKS = (other, frozenset(map(chr, np.flatnonzero(other).tolist())))
+                _FULL_UNITS = _unit_pattern(body)
+    return _FULL_UNITS, _OTHER_MARKS
+
+
+def _units_of(text: str) -> list[str]:
+    """Units of text that holds no Han character."""
+    if text.isascii():
+        return _ASCII_UNITS.findall(text)
+    full, (other_table, other_set) = _full_units()
+    if len(text) < 256:
+        has_other_marks = not other_set.isdisjoint(text)
+    else:
+        cps = np.frombuffer(text.encode("utf-32-le", "surrogatepass"), dtype=np.uint32)
+        has_other_marks = bool(other_table[cps].any())
+    return (full if has_other_marks else _BASIC_UNITS).findall(text)
 
 
 def _jieba():
@@ -152,17 +177,26 @@ def _cut_han_runs(runs: list[str]) -> list[list[str]]:
 
 def split_words(text: str) -> list[str]:
     """Cut `text` into word units; `"".join(split_words(text)) == text`."""
+    if text.isascii():
+        return _ASCII_UNITS.findall(text)
     parts = _HAN_RUN.split(text)
-    unit_re = _unit_re()
     if len(parts) == 1:
-        return unit_re.findall(text)
+        return _units_of(text)
     han_words = _cut_han_runs(parts[1::2])
     units = []
+    cache = _SHORT_UNITS
     for i, part in enumerate(parts):
         if i % 2:
-            units.extend(han_words[i // 2])
+            units += han_words[i // 2]
         elif part:
-            units.extend(unit_re.findall(part))
+            got = cache.get(part)
+            if got is None:
+                got = _units_of(part)
+                if len(part) <= 16:
+                    if len(cache) >= 4096:
+                        cache.clear()
+                    cache[part] = got
+            units += got
     return units
 
 
@@ -185,11 +219,11 @@ def _check_vocab(vocab, what: str, word_level: bool) -> dict[str, int]:
         raise ValueError(f"{what}: ids must be 0 .. {len(ids) - 1} without gaps or repeats")
     by_id = {index: token for token, index in vocab.items()}
     expected = SPECIAL_TOKENS if word_level else SPECIAL_TOKENS + BYTE_TOKENS
-    if len(ids) < len(expected):
-        raise ValueError(f"{what}: has {len(ids)} entries, fewer than the {len(expected)} reserved tokens")
-    for index, token in enumerate(expected):
+    for index, token in enumerate(expected[: len(ids)]):
         if by_id[index] != token:
             raise ValueError(f"{what}: id {index} must be {token!r}, found {by_id[index]!r}")
+    if len(ids) < len(expected):
+        raise ValueError(f"{what}: has {len(ids)} entries, fewer than the {len(expected)} reserved tokens")
     if not word_level:
         for index in range(FIRST_CHAR_ID, len(ids)):
             token = by_id[index]
@@ -214,6 +248,85 @@ def _load_vocab_file(path, what: str, word_level: bool) -> dict[str, int]:
 # ---------------------------------------------------------------------------------
 # The tokenizer
 # ---------------------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def _gc_paused():
+    """Batch encoding makes a few small lists per sequence next to lists of millions of
+    ints; the cyclic collector, triggered by the small ones, keeps walking the big ones
+    (3x the encoding time). Nothing made here forms a cycle, so pause it meanwhile."""
+    was_enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if was_enabled:
+            gc.enable()
+
+
+_COLUMNS = ("ids", "word_ids", "word_token_ids", "offsets")
+
+
+class _Layout(NamedTuple):
+    """What `_encode_plus` asked for, computed once per call."""
+
+    prefix: list
+    suffix: list
+    prefix_words: list
+    suffix_words: list
+    truncate: bool
+    truncation_strategy: TruncationStrategy
+    max_length: int | None
+    stride: int
+    token_type_ids: bool
+    special_tokens_mask: bool
+    overflowing: bool
+    length: bool
+
+
+def _wrap(prefix: list, seqs: list[list], suffix: list) -> list:
+    """prefix + seq + suffix for each sequence, concatenated."""
+    if not prefix and not suffix and len(seqs) == 1:
+        return seqs[0]
+    out = []
+    for seq in seqs:
+        out += prefix
+        out += seq
+        out += suffix
+    return out
+
+
+def _as_arrays(columns: dict, return_tensors, prepend_batch_axis: bool) -> dict:
+    """Rectangular int columns straight to numpy/torch (BatchEncoding's own conversion
+    walks every element in Python); anything else is left to BatchEncoding."""
+    if return_tensors not in ("pt", "np"):
+        return columns
+    out = {}
+    for key, value in columns.items():
+        if key in ("overflowing_tokens", "num_truncated_tokens"):
+            out[key] = value
+            continue
+        if prepend_batch_axis and isinstance(value, int):  # `length` of one sequence
+            value = [value]
+            prepend = False
+        else:
+            prepend = prepend_batch_axis
+        rows = [value] if prepend else value
+        if not isinstance(rows, list) or any(not isinstance(r, list) or len(r) != len(rows[0]) for r in rows):
+            out[key] = value  # ragged: BatchEncoding raises its usual error
+            continue
+        array = np.array(rows, dtype=np.int64)
+        if array.ndim == 1:  # no rows, or rows that are not lists of ints
+            out[key] = value
+            continue
+        if array.size == 0 and key == "offset_mapping":
+            array = array.reshape(len(rows), 0, 2)
+        if return_tensors == "pt":
+            import torch
+
+            array = torch.from_numpy(array)
+        out[key] = array
+    return out
 
 
 class CharWordTokenizer(PreTrainedTokenizer):
@@ -401,14 +514,13 @@ class CharWordTokenizer(PreTrainedTokenizer):
             for key in columns:
                 if key != "ids":
                     columns[key] = np.repeat(columns[key], counts)
-        results = []
-        for k in range(len(pieces)):
-            a, b = tok_bounds[k], tok_bounds[k + 1]
-            item = {key: col[a:b].tolist() for key, col in columns.items()}
-            if offsets:
-                item["offsets"] = [(o, o + 1) for o in item["offsets"]]
-            results.append(item)
-        return results
+        lists = {key: col.tolist() for key, col in columns.items()}
+        if offsets:
+            lists["offsets"] = list(zip(lists["offsets"], [o + 1 for o in lists["offsets"]]))
+        if len(pieces) == 1:
+            return [lists]
+        bounds = tok_bounds.tolist()
+        return [{key: lst[a:b] for key, lst in lists.items()} for a, b in zip(bounds, bounds[1:])]
 
     def _split_added(self, text: str, split_special_tokens: bool) -> list[str] | None:
         """Pieces of `text` around whole added/special tokens (odd indices), or None."""
@@ -629,7 +741,11 @@ class CharWordTokenizer(PreTrainedTokenizer):
 
     # -- encoding --------------------------------------------------------------------
 
-    def _encode_plus(
+    def _encode_plus(self, *args, **kwargs) -> BatchEncoding:
+        with _gc_paused():
+            return self._encode_all(*args, **kwargs)
+
+    def _encode_all(
         self,
         text,
         text_pair=None,
@@ -703,22 +819,29 @@ class CharWordTokenizer(PreTrainedTokenizer):
                 encoded.append(item)
         firsts = encoded[: len(texts)]
         seconds = iter(encoded[len(texts) :])
+        prefix, suffix = self._specials() if add_special_tokens else ([], [])
+        special = self._special_word_ids
+        layout = _Layout(
+            prefix=prefix,
+            suffix=suffix,
+            prefix_words=[special.get(i, PAD_ID) for i in prefix],
+            suffix_words=[special.get(i, PAD_ID) for i in suffix],
+            truncate=truncation_strategy != TruncationStrategy.DO_NOT_TRUNCATE and bool(max_length),
+            truncation_strategy=truncation_strategy,
+            max_length=max_length,
+            stride=stride,
+            token_type_ids=bool(return_token_type_ids)
+            or (return_token_type_ids is None and "token_type_ids" in self.model_input_names),
+            special_tokens_mask=return_special_tokens_mask,
+            overflowing=return_overflowing_tokens and not return_tensors,
+            length=return_length,
+        )
         examples = [
-            self._prepare_example(
-                first,
-                next(seconds) if pair is not None else None,
-                add_special_tokens=add_special_tokens,
-                truncation_strategy=truncation_strategy,
-                max_length=max_length,
-                stride=stride,
-                return_token_type_ids=return_token_type_ids,
-                return_overflowing_tokens=return_overflowing_tokens and not return_tensors,
-                return_special_tokens_mask=return_special_tokens_mask,
-                return_length=return_length,
-                verbose=verbose,
-            )
+            self._prepare_example(first, next(seconds) if pair is not None else None, layout)
             for first, pair in zip(firsts, pairs)
         ]
+        for example in examples:
+            self._eventual_warn_about_too_long_sequence(example["input_ids"], max_length, verbose)
         if return_attention_mask is None:
             return_attention_mask = "attention_mask" in self.model_input_names
         if padding_strategy == PaddingStrategy.LONGEST:
@@ -734,11 +857,13 @@ class CharWordTokenizer(PreTrainedTokenizer):
                 return_attention_mask=return_attention_mask,
             )
         if not batched:
-            return BatchEncoding(examples[0], tensor_type=return_tensors, prepend_batch_axis=True)
-        if not examples:
-            return BatchEncoding({"input_ids": []}, tensor_type=return_tensors)
+            return BatchEncoding(_as_arrays(examples[0], return_tensors, True), tensor_type=return_tensors)
+        if not examples:  # an empty batch: the keys a batch would have, without rows
+            keys = ["input_ids"] + ["attention_mask"] * bool(return_attention_mask)
+            keys += ["word_ids", "word_token_ids"] * bool(return_word_ids)
+            return BatchEncoding({key: [] for key in keys}, tensor_type=return_tensors)
         batch = {key: [e[key] for e in examples] for key in examples[0]}
-        return BatchEncoding(batch, tensor_type=return_tensors)
+        return BatchEncoding(_as_arrays(batch, return_tensors, False), tensor_type=return_tensors)
 
     @staticmethod
     def _is_batch(text, is_split_into_words: bool) -> bool:
@@ -781,80 +906,51 @@ class CharWordTokenizer(PreTrainedTokenizer):
             item["offsets"] = [o for p in parts for o in p["offsets"]]
         return item
 
-    def _prepare_example(
-        self,
-        first: dict,
-        second: dict | None,
-        add_special_tokens: bool,
-        truncation_strategy: TruncationStrategy,
-        max_length: int | None,
-        stride: int,
-        return_token_type_ids: bool | None,
-        return_overflowing_tokens: bool,
-        return_special_tokens_mask: bool,
-        return_length: bool,
-        verbose: bool,
-    ) -> dict:
+    def _prepare_example(self, first: dict, second: dict | None, layout: _Layout) -> dict:
         """Truncate (all aligned columns together), add special tokens, build the keys."""
-        keys = [k for k in ("ids", "word_ids", "word_token_ids", "offsets") if k in first]
-        num_special = self.num_special_tokens_to_add(pair=second is not None) if add_special_tokens else 0
-        total = len(first["ids"]) + (len(second["ids"]) if second is not None else 0) + num_special
+        prefix, suffix = layout.prefix, layout.suffix
+        n_special = (len(prefix) + len(suffix)) * (1 if second is None else 2)
+        total = len(first["ids"]) + (len(second["ids"]) if second is not None else 0) + n_special
         overflowing = []
-        if truncation_strategy != TruncationStrategy.DO_NOT_TRUNCATE and max_length and total > max_length:
+        if layout.truncate and total > layout.max_length:
+            keys = [k for k in _COLUMNS if k in first]
             rows_a = list(zip(*(first[k] for k in keys)))
             rows_b = list(zip(*(second[k] for k in keys))) if second is not None else None
             rows_a, rows_b, overflowing = self.truncate_sequences(
                 rows_a,
                 pair_ids=rows_b,
-                num_tokens_to_remove=total - max_length,
-                truncation_strategy=truncation_strategy,
-                stride=stride,
+                num_tokens_to_remove=total - layout.max_length,
+                truncation_strategy=layout.truncation_strategy,
+                stride=layout.stride,
             )
             first = {k: [r[j] for r in rows_a] for j, k in enumerate(keys)}
             if second is not None:
                 second = {k: [r[j] for r in rows_b] for j, k in enumerate(keys)}
             overflowing = [r[0] for r in overflowing]
-        if add_special_tokens:
-            prefix, suffix = self._specials()
-        else:
-            prefix, suffix = [], []
-        special = self._special_word_ids
-
-        def wrap(seq: dict) -> dict:
-            out = {"ids": prefix + seq["ids"] + suffix}
-            if "word_ids" in seq:
-                out["word_ids"] = [-1] * len(prefix) + seq["word_ids"] + [-1] * len(suffix)
-                out["word_token_ids"] = (
-                    [special.get(i, PAD_ID) for i in prefix]
-                    + seq["word_token_ids"]
-                    + [special.get(i, PAD_ID) for i in suffix]
-                )
-            if "offsets" in seq:
-                out["offsets"] = [(0, 0)] * len(prefix) + seq["offsets"] + [(0, 0)] * len(suffix)
-            return out
-
-        parts = [wrap(first)] + ([wrap(second)] if second is not None else [])
-        example = {"input_ids": [i for p in parts for i in p["ids"]]}
-        if return_token_type_ids or (return_token_type_ids is None and "token_type_ids" in self.model_input_names):
-            example["token_type_ids"] = [k for k, p in enumerate(parts) for _ in p["ids"]]
-        if return_special_tokens_mask:
-            if add_special_tokens:
-                example["special_tokens_mask"] = self.get_special_tokens_mask(
-                    first["ids"], second["ids"] if second is not None else None
-                )
-            else:
-                example["special_tokens_mask"] = [0] * len(example["input_ids"])
+        seqs = [first] if second is None else [first, second]
+        example = {"input_ids": _wrap(layout.prefix, [s["ids"] for s in seqs], layout.suffix)}
+        if layout.token_type_ids:
+            example["token_type_ids"] = [
+                k for k, s in enumerate(seqs) for _ in range(len(prefix) + len(s["ids"]) + len(suffix))
+            ]
+        if layout.special_tokens_mask:
+            example["special_tokens_mask"] = _wrap(
+                [1] * len(prefix), [[0] * len(s["ids"]) for s in seqs], [1] * len(suffix)
+            )
         if "word_ids" in first:
-            example["word_ids"] = [i for p in parts for i in p["word_ids"]]
-            example["word_token_ids"] = [i for p in parts for i in p["word_token_ids"]]
+            example["word_ids"] = _wrap([-1] * len(prefix), [s["word_ids"] for s in seqs], [-1] * len(suffix))
+            example["word_token_ids"] = _wrap(
+                layout.prefix_words, [s["word_token_ids"] for s in seqs], layout.suffix_words
+            )
         if "offsets" in first:
-            example["offset_mapping"] = [o for p in parts for o in p["offsets"]]
-        if return_overflowing_tokens and overflowing:
+            example["offset_mapping"] = _wrap(
+                [(0, 0)] * len(prefix), [s["offsets"] for s in seqs], [(0, 0)] * len(suffix)
+            )
+        if layout.overflowing and overflowing:
             example["overflowing_tokens"] = overflowing
-            example["num_truncated_tokens"] = total - max_length
-        if return_length:
+            example["num_truncated_tokens"] = total - layout.max_length
+        if layout.length:
             example["length"] = len(example["input_ids"])
-        self._eventual_warn_about_too_long_sequence(example["input_ids"], max_length, verbose)
         return example
 
     def _pad(
@@ -866,24 +962,36 @@ class CharWordTokenizer(PreTrainedTokenizer):
         padding_side: str | None = None,
         return_attention_mask: bool | None = None,
     ) -> dict:
-        before = len(encoded_inputs[self.model_input_names[0]])
-        encoded_inputs = super()._pad(
-            encoded_inputs,
-            max_length=max_length,
-            padding_strategy=padding_strategy,
-            pad_to_multiple_of=pad_to_multiple_of,
-            padding_side=padding_side,
-            return_attention_mask=return_attention_mask,
-        )
-        difference = len(encoded_inputs[self.model_input_names[0]]) - before
-        if difference > 0:
-            side = padding_side if padding_side is not None else self.padding_side
-            fills = {"word_ids": -1, "word_token_ids": PAD_ID, "offset_mapping": (0, 0)}
-            for key, fill in fills.items():
-                if key in encoded_inputs:
-                    values = list(encoded_inputs[key])
-                    pad = [fill] * difference
-                    encoded_inputs[key] = values + pad if side == "right" else pad + values
+        """Pad one example; the word columns get -1 (`word_ids`) and <pad> (`word_token_ids`)."""
+        if return_attention_mask is None:
+            return_attention_mask = "attention_mask" in self.model_input_names
+        length = len(encoded_inputs["input_ids"])
+        if padding_strategy == PaddingStrategy.LONGEST:
+            max_length = length
+        if max_length is not None and pad_to_multiple_of is not None and max_length % pad_to_multiple_of:
+            max_length = (max_length // pad_to_multiple_of + 1) * pad_to_multiple_of
+        if return_attention_mask and "attention_mask" not in encoded_inputs:
+            encoded_inputs["attention_mask"] = [1] * length
+        if padding_strategy == PaddingStrategy.DO_NOT_PAD or max_length is None or length >= max_length:
+            return encoded_inputs
+        side = padding_side if padding_side is not None else self.padding_side
+        if side not in ("left", "right"):
+            raise ValueError(f"padding_side must be 'left' or 'right', got {side!r}")
+        fills = {
+            "input_ids": self.pad_token_id,
+            "attention_mask": 0,
+            "token_type_ids": self.pad_token_type_id,
+            "special_tokens_mask": 1,
+            "word_ids": -1,
+            "word_token_ids": PAD_ID,
+            "offset_mapping": (0, 0),
+        }
+        difference = max_length - length
+        for key, fill in fills.items():
+            if key in encoded_inputs:
+                values = list(encoded_inputs[key])
+                pad = [fill] * difference
+                encoded_inputs[key] = values + pad if side == "right" else pad + values
         return encoded_inputs
 
     # -- decoding --------------------------------------------------------------------
@@ -911,6 +1019,16 @@ class CharWordTokenizer(PreTrainedTokenizer):
         if clean_up_tokenization_spaces:
             text = self.clean_up_tokenization(text)
         return text
+
+    def batch_decode(self, sequences, skip_special_tokens: bool = False, clean_up_tokenization_spaces=None, **kwargs):
+        if len(sequences) == 0:  # an empty batch, not one empty sequence
+            return []
+        return super().batch_decode(
+            sequences,
+            skip_special_tokens=skip_special_tokens,
+            clean_up_tokenization_spaces=clean_up_tokenization_spaces,
+            **kwargs,
+        )
 
     def convert_tokens_to_string(self, tokens: list[str]) -> str:
         ids = []
