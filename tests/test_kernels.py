@@ -6,7 +6,8 @@ import logging
 
 import pytest
 import torch
-import torch.nn.functional as F
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from strata.kernels import kernels_dispatch
 from strata.kernels.kernels_conv1d import causal_conv1d, causal_conv1d_ref, causal_conv1d_update
@@ -111,6 +112,15 @@ SCAN_OPTIONS = [
 @pytest.mark.parametrize("opts", range(len(SCAN_OPTIONS)))
 def test_scan_chunked_matches_ref(chunk_size, length, opts):
     make = lambda: scan_inputs(length=length, seed=length + opts, **SCAN_OPTIONS[opts])  # noqa: E731
+    compare(scan_chunked(chunk_size), scan_ref, make)
+
+
+@settings(max_examples=30, deadline=None)
+@given(b=st.integers(1, 3), d=st.integers(1, 5), n=st.integers(1, 5), length=st.integers(1, 40),
+       chunk_size=st.integers(1, 24), seed=st.integers(0, 2**16), dt_scale=st.sampled_from([0.1, 1.0, 10.0]),
+       init=st.booleans())
+def test_scan_chunked_matches_ref_property(b, d, n, length, chunk_size, seed, dt_scale, init):
+    make = lambda: scan_inputs(b, d, n, length, seed=seed, init=init, dt_scale=dt_scale)  # noqa: E731
     compare(scan_chunked(chunk_size), scan_ref, make)
 
 
@@ -342,6 +352,19 @@ def test_retention_chunked_matches_ref(per_token, init, chunk_size, length):
 def test_retention_parallel_matches_ref(per_token, init, length):
     make = lambda: retention_inputs(length=length, per_token=per_token, init=init, seed=length + 1)  # noqa: E731
     compare(ret_form(retention_parallel), ret_form(retention_ref), make)
+
+
+@settings(max_examples=30, deadline=None)
+@given(b=st.integers(1, 3), h=st.integers(1, 3), length=st.integers(1, 40), dk=st.integers(1, 6),
+       dv=st.integers(1, 6), chunk_size=st.integers(1, 24), per_token=st.booleans(), init=st.booleans(),
+       seed=st.integers(0, 2**16), decay_scale=st.sampled_from([0.01, 1.0, 30.0]))
+def test_retention_chunked_matches_ref_property(b, h, length, dk, dv, chunk_size, per_token, init, seed,
+                                                decay_scale):
+    def make():
+        return retention_inputs(b, h, length, dk, dv, per_token=per_token, init=init, seed=seed,
+                                decay_scale=decay_scale)
+
+    compare(ret_form(retention_chunked, chunk_size=chunk_size), ret_form(retention_ref), make)
 
 
 def test_retention_float64_tight():
