@@ -7,12 +7,18 @@
 from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
 
 from strata.configuration.configuration_retmamba import RetMambaConfig
+from strata.configuration.configuration_thl import THLConfig
 from strata.modeling.cache_recurrent import RecurrentCache
 from strata.modeling.generation_blocks import BlockGenerationMixin
 from strata.modeling.modeling_retmamba import (
     LORA_TARGET_MODULES as RETMAMBA_LORA_TARGET_MODULES,
     RetMambaForCausalLM,
     RetMambaModel,
+)
+from strata.modeling.modeling_thl import (
+    LORA_TARGET_MODULES as THL_LORA_TARGET_MODULES,
+    THLForCausalLM,
+    THLModel,
 )
 from strata.tokenization import CharWordTokenizer, register_tokenizer
 
@@ -21,6 +27,7 @@ __version__ = "0.1.0"
 # (config class, base model class, causal LM class, default LoRA target modules)
 ARCHITECTURES = {
     RetMambaConfig.model_type: (RetMambaConfig, RetMambaModel, RetMambaForCausalLM, RETMAMBA_LORA_TARGET_MODULES),
+    THLConfig.model_type: (THLConfig, THLModel, THLForCausalLM, THL_LORA_TARGET_MODULES),
 }
 
 
@@ -47,5 +54,8 @@ __all__ = [
     "RetMambaConfig",
     "RetMambaForCausalLM",
     "RetMambaModel",
+    "THLConfig",
+    "THLForCausalLM",
+    "THLModel",
     "lora_target_modules",
 ]

@@ -14,10 +14,12 @@ CASES = [
     ("retmamba", "hybrid-tiny"),
     ("retmamba", "fusion-tiny"),
     ("retmamba", "fusion-selective-tiny"),
+    ("thl", "tiny"),
+    ("thl", "tiny-stale"),
 ]
 
 # One representative per architecture for the slower checks.
-MAIN_CASES = [("retmamba", "tiny")]
+MAIN_CASES = [("retmamba", "tiny"), ("thl", "tiny")]
 
 
 def case_id(case) -> str:
