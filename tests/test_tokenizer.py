@@ -3,6 +3,7 @@
 import json
 import os
 import pickle
+import re
 import subprocess
 import sys
 import textwrap
@@ -27,6 +28,9 @@ from strata.tokenization.tokenization_charword import BYTE_TOKENS, SPECIAL_TOKEN
 
 PROPERTY = settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 SEED_EXAMPLE = "我爱 Julia 语言"  # seed 000's data example
+# Every code point, lone surrogates included (st.text() alone leaves category Cs out).
+ANY_CHAR = st.characters(exclude_categories=()) | st.sampled_from("\ud800\udc80\udfff\r\n\t 😀𠀀e\u0301")
+ANY_TEXT = st.text(ANY_CHAR)
 
 
 @pytest.fixture(scope="module")
@@ -82,7 +86,7 @@ def test_surrogate_pair_is_not_the_emoji(default_tok):
 
 
 @PROPERTY
-@given(st.text())
+@given(ANY_TEXT)
 def test_round_trip_any_text(default_tok, text):
     ids = default_tok(text)["input_ids"]
     assert default_tok.decode(ids) == text
@@ -96,7 +100,7 @@ def bos_eos_tok():
 
 
 @PROPERTY
-@given(st.lists(st.text(max_size=30), max_size=6))
+@given(st.lists(st.text(ANY_CHAR, max_size=30), max_size=6))
 def test_round_trip_batch_with_specials(bos_eos_tok, text_list):
     enc = bos_eos_tok(text_list, padding=True, split_special_tokens=True)
     assert bos_eos_tok.batch_decode(enc["input_ids"], skip_special_tokens=True) == text_list
@@ -153,7 +157,10 @@ def _reference_units(text):
     return units
 
 
-_NO_HAN = st.text(st.characters(blacklist_categories=("Lo",)) | st.sampled_from("'’\u0301\u093f a1_ \n"))
+_NO_HAN = st.text(
+    ANY_CHAR.filter(lambda c: not re.match("[\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff\U00020000-\U000323af]", c))
+    | st.sampled_from("'’\u0301\u093f a1_ \nнаї")
+)
 
 
 @PROPERTY
@@ -606,3 +613,13 @@ def test_decode_out_of_range_ids(default_tok):
         default_tok.decode([5, 99999])
     with pytest.raises(ValueError, match="token id -100 is out of range"):
         default_tok.decode([-100, 5])
+
+
+def test_decode_accepts_tensors_and_rejects_non_integers(default_tok):
+    ids = default_tok("天雲 ok")["input_ids"]
+    assert default_tok.decode(torch.tensor(ids)) == default_tok.decode(np.array(ids)) == "天雲 ok"
+    assert default_tok.batch_decode(torch.tensor([ids, ids])) == ["天雲 ok"] * 2
+    assert default_tok.batch_decode([]) == []
+    for bad, name in (([1.5], "float"), ([True], "bool"), (["a"], "str")):
+        with pytest.raises(TypeError, match=f"token ids must be integers, got {name}"):
+            default_tok.decode(bad)

@@ -1008,10 +1008,19 @@ class CharWordTokenizer(PreTrainedTokenizer):
             return text
         return text.encode("utf-8", "surrogateescape").decode("utf-8", _DECODE_ERRORS)
 
+    def decode(self, token_ids, skip_special_tokens: bool = False, **kwargs):
+        if type(token_ids) is list and (not token_ids or type(token_ids[0]) is int):
+            # one flat list of ids: skip the base class's element-by-element type walk
+            return self._decode(token_ids, skip_special_tokens=skip_special_tokens, **kwargs)
+        return super().decode(token_ids, skip_special_tokens=skip_special_tokens, **kwargs)
+
     def _decode(self, token_ids, skip_special_tokens: bool = False, clean_up_tokenization_spaces=None, **kwargs) -> str:
-        if isinstance(token_ids, int):
+        if isinstance(token_ids, (int, np.integer)):
             token_ids = [token_ids]
-        ids = [int(i) for i in token_ids]
+        ids = token_ids if type(token_ids) is list else list(token_ids)
+        for kind in set(map(type, ids)) - {int}:
+            if not issubclass(kind, np.integer) or issubclass(kind, bool):
+                raise TypeError(f"token ids must be integers, got {kind.__name__}")
         if skip_special_tokens:
             special = set(self.all_special_ids)
             ids = [i for i in ids if i not in special]
