@@ -92,6 +92,26 @@ def _describe_retmamba(config) -> str:
     return "\n".join(lines)
 
 
+def _describe_thl(config) -> str:
+    tiers = ", ".join(f"tier {k} every {tau} token{'s' if tau > 1 else ''}"
+                      for k, tau in enumerate(config.timescales))
+    local = (f"sliding-window attention over the last {config.local_window} token embeddings "
+             f"({config.local_heads} heads) enriches each token before the router"
+             if config.local_window else "no local attention (the router and the tiers see raw embeddings)")
+    return "\n".join([
+        f"- {config.num_hidden_layers} GRU tiers on clocks: {tiers}; a tier that is not due holds its state.",
+        f"- a memory bank of {config.memory_slots} slots of width {config.hidden_size}: {config.router_heads} "
+        f"router heads each read the top {config.router_top_k} slots per token; a novelty-gated writer stores "
+        f"new content in an empty or {config.eviction_policy.replace('_', ' ')} slot, or reinforces the most "
+        "similar one.",
+        f"- {local}.",
+        f"- training backpropagates through time in chunks of {config.tbptt_length} tokens.",
+        "",
+        f"Generation runs `block_size = {config.block_size}` decoding steps per block inside the model and "
+        "hands each block to the streamer at once.",
+    ])
+
+
 ARCHITECTURE_CARDS: dict[str, ArchitectureCard] = {
     "retmamba": ArchitectureCard(
         title="RetMamba (RetNet x Mamba fusion)",
@@ -112,6 +132,26 @@ ARCHITECTURE_CARDS: dict[str, ArchitectureCard] = {
             "The code in this folder runs strata's PyTorch kernels (a chunked selective scan and chunkwise "
             "retention) on every device; there are no fused GPU kernels in it, so on a GPU it is slower "
             "than models of the same size that have them.",
+        ),
+    ),
+    "thl": ArchitectureCard(
+        title="THL (tiered hierarchical recurrence with a memory bank)",
+        tags=("recurrent", "gru", "memory-augmented", "sparse-routing"),
+        summary=(
+            "THL is a recurrent language model with a fixed-size state. Stacked GRU tiers run on "
+            "different clocks: the lowest tier reads every token, higher tiers update less often and "
+            "so summarise longer spans. Beside the tiers sits a memory bank of slots: at every token a "
+            "sparse router reads the few slots whose keys match the current state best, and a writer "
+            "stores what is new (judged by its cosine distance to the slots) in a free or rarely used "
+            "slot. Tier states and bank together have a size independent of the text length, so every "
+            "new token costs the same however long the text already is."
+        ),
+        describe=_describe_thl,
+        limits=(
+            "The recurrence runs token by token in PyTorch, so training processes a sequence "
+            "step by step and is slower per token than attention or chunked-scan models of the same size.",
+            "The top-k reads and the novelty decisions are discrete: gradients flow through the values "
+            "read and the slots written, not through the choice of slots.",
         ),
     ),
 }

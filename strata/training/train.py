@@ -302,6 +302,9 @@ def train_model(
     if not lr > 0:
         raise ValueError(f"`lr` must be > 0, got {lr}")
     architecture(arch)  # unknown architecture: fail before any work
+    from strata.hub_cards.model_card import architecture_card
+
+    architecture_card(arch)  # the card is written after training: make sure it can be
     if push_to_hub:
         hub_model_id = hub_model_id or Path(output_dir).resolve().name
         check_push_possible(hub_model_id)
