@@ -2,13 +2,16 @@
 
     python bench/kernels.py            # full sizes (about a minute on 2 CPU cores)
     python bench/kernels.py --quick    # small sizes, a few seconds
+    python bench/kernels.py --threads 1 --clock cpu   # robust to other load on the machine
 
 Selective scan at B=4, D=256, N=16, L=512 (HF Mamba initialisation of A and dt):
 strata's chunked scan vs strata's sequential reference vs transformers' own sequential
 CPU scan (``transformers.models.mamba.modeling_mamba.mamba_selective_scan``, the
 path MambaMixer takes without mamba-ssm). Retention at L=2048: chunked vs the O(L^2)
 parallel form (and the recurrence), for per-head and per-token decays.
-Times are wall-clock medians in ms; "speedup" is relative to the first row of a group.
+Times are medians in ms (wall clock, or process CPU time with --clock cpu, which other
+processes on a shared machine disturb less); "speedup" is relative to the first row of
+a group.
 """
 
 from __future__ import annotations
@@ -31,6 +34,9 @@ except ImportError:  # older or newer transformers layout
     hf_selective_scan = None
 
 
+CLOCK = time.perf_counter
+
+
 def time_fwd_bwd(fn, inputs, repeats, warmup=None):
     """Median forward and backward wall times (ms) of sum(fn(**inputs)).
 
@@ -45,12 +51,12 @@ def time_fwd_bwd(fn, inputs, repeats, warmup=None):
         for t in inputs.values():
             if isinstance(t, torch.Tensor) and t.grad is not None:
                 t.grad = None
-        t0 = time.perf_counter()
+        t0 = CLOCK()
         out = fn(**inputs)
         out = out[0] if isinstance(out, tuple) else out
-        t1 = time.perf_counter()
+        t1 = CLOCK()
         out.float().sum().backward()
-        t2 = time.perf_counter()
+        t2 = CLOCK()
         if i > 0:
             fwd.append((t1 - t0) * 1e3)
             bwd.append((t2 - t1) * 1e3)
@@ -109,10 +115,16 @@ def main():
     parser.add_argument("--repeats", type=int, default=5, help="repeats of the fast forms (median)")
     parser.add_argument("--chunk-size", type=int, default=64)
     parser.add_argument("--no-hf", action="store_true", help="skip transformers' sequential scan")
+    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    parser.add_argument("--clock", choices=["wall", "cpu"], default="wall")
     args = parser.parse_args()
+    global CLOCK
+    CLOCK = time.perf_counter if args.clock == "wall" else time.process_time
+    if args.threads:
+        torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     cs = args.chunk_size
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, chunk_size {cs}")
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {args.clock} clock, chunk_size {cs}")
 
     b, d, n, length = (2, 64, 16, 128) if args.quick else (4, 256, 16, 512)
     ins, warm = scan_inputs(b, d, n, length), scan_inputs(b, d, n, 8)

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import ast
 import logging
+from pathlib import Path
 
 import pytest
 import torch
@@ -373,6 +375,17 @@ def test_retention_float64_tight():
     compare(ret_form(retention_parallel), ret_form(retention_ref), make, 1e-10, 1e-10)
 
 
+@pytest.mark.parametrize("per_token", [False, True])
+def test_retention_chunked_gradcheck(per_token):
+    ins = retention_inputs(b=1, h=2, length=7, dk=2, dv=3, per_token=per_token, dtype=F64, seed=12)
+    names = list(ins)
+
+    def fn(*args):
+        return retention_chunked(**dict(zip(names, args)), scale=0.5, return_final_state=True, chunk_size=3)
+
+    assert torch.autograd.gradcheck(fn, tuple(ins.values()))
+
+
 @pytest.mark.parametrize("fn", [retention_ref, retention_parallel, retention_chunked])
 @pytest.mark.parametrize("decay_scale", [50.0, 1e4, 1e30])
 def test_retention_strongly_negative_decay_is_finite(fn, decay_scale):
@@ -532,3 +545,17 @@ def test_dispatch_runs_the_chosen_form(fresh_dispatch, monkeypatch):
     o_ref = retention_ref(**rins)
     for backend in ("ref", "parallel", "chunked", "torch", None):
         assert_close(retention(**rins, backend=backend, chunk_size=8), o_ref, what=str(backend))
+
+
+def test_kernel_modules_follow_the_bundle_import_convention():
+    # docs/internals.md: unique basenames, strata imports absolute from the defining
+    # module, nothing else from strata, optional extras guarded
+    package = Path(kernels_dispatch.__file__).resolve().parents[1]
+    basenames = [p.name for p in package.rglob("*.py") if p.name != "__init__.py"]
+    for path in sorted(package.joinpath("kernels").glob("kernels_*.py")):
+        assert basenames.count(path.name) == 1, f"{path.name} is not unique in strata/"
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if isinstance(node, ast.Import):
+                assert not any(a.name.split(".")[0] == "strata" for a in node.names), path.name
+            if isinstance(node, ast.ImportFrom) and (node.level or (node.module or "").startswith("strata")):
+                assert node.level == 0 and node.module.startswith("strata.kernels.kernels_"), (path.name, node.module)
