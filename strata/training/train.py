@@ -228,7 +228,7 @@ def evaluate_lm(model, tokenizer, corpus, seq_len: int = 128, batch_size: int = 
         validation = validation.select(range(min(max_blocks, len(validation))))
     with tempfile.TemporaryDirectory() as scratch:
         args = TrainingArguments(output_dir=scratch, per_device_eval_batch_size=batch_size, report_to="none",
-                                 disable_tqdm=True)
+                                 disable_tqdm=True, dataloader_pin_memory=torch.cuda.is_available())
         trainer = Trainer(model=model, args=args, eval_dataset=validation, data_collator=default_data_collator)
         loss = trainer.evaluate()["eval_loss"]
     return eval_metrics(loss, data.tokens_per_char)
