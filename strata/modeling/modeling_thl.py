@@ -211,17 +211,33 @@ def make_plan(config: THLConfig, clock: torch.Tensor, token_mask: torch.Tensor |
 
 
 # ----------------------------------------------------------------------------- router
+_RAMPS: dict = {}
+
+
+def _ramp(J: int, device) -> torch.Tensor:
+    key = (J, str(device))
+    if key not in _RAMPS:
+        _RAMPS[key] = torch.arange(J - 1, -1, -1, device=device, dtype=torch.int64)
+    return _RAMPS[key]
+
+
 def topk_lowest_index(scores: torch.Tensor, k: int) -> torch.Tensor:
     """Indices of the k largest scores along the last dim; equal scores go to the lowest index.
 
     torch.topk leaves the order of ties unspecified; here the float32 scores are mapped to
-    order-preserving integers and combined with the reversed index into one int64 key.
+    order-preserving integers (flip the magnitude bits of negatives; -0.0 becomes +0.0) and
+    combined with the reversed index into one int64 key.
     """
     J = scores.shape[-1]
-    bits = scores.float().contiguous().view(torch.int32).to(torch.int64)
-    key = torch.where(bits < 0, -(bits & 0x7FFFFFFF), bits)
-    ramp = torch.arange(J - 1, -1, -1, device=scores.device, dtype=torch.int64)
-    return (key * J + ramp).topk(k, dim=-1).indices
+    bits = (scores.float() + 0.0).view(torch.int32)
+    key = bits ^ ((bits >> 31) & 0x7FFFFFFF)
+    return (key.to(torch.int64) * J + _ramp(J, scores.device)).topk(k, dim=-1).indices
+
+
+def slot_bias(state: dict, load_penalty: float) -> torch.Tensor:
+    """Per-slot additive router score (B, J): -lambda * read_ema, or EMPTY_SCORE for a slot
+    that has never been written."""
+    return torch.where(state["written"], state["read_ema"] * -load_penalty, EMPTY_SCORE)
 
 
 class THLRouter(nn.Module):
@@ -229,7 +245,8 @@ class THLRouter(nn.Module):
 
     Queries per head from the token (``query_proj``, applied to all tokens in parallel) and
     the previous step's first and top tier states (``state_query_proj``); one key per slot
-    (``key_proj``), cached in the state and updated only for the slot written each step.
+    (``key_proj``, shared by the heads), cached in the state and updated only for the slot
+    written at each step.
     """
 
     def __init__(self, config: THLConfig):
@@ -244,13 +261,15 @@ class THLRouter(nn.Module):
         self.key_proj = nn.Linear(d, dk, bias=False)
         self.read_proj = nn.Linear(H * d, d, bias=False)
 
-    def select(self, q: torch.Tensor, keys, read_ema, written, sigma_prev, noise=None, exact_ties: bool = True):
-        """Chosen slots (B, H, k) for queries q (B, H, dk). No gradient: the choice is discrete.
-        ``noise``: None (hard top-k) or a torch.Generator for Gumbel top-k."""
+    def select(self, q_scaled: torch.Tensor, keys, bias, noise=None, exact_ties: bool = True):
+        """Chosen slots (B, H, k) for scaled queries (B, H, dk) (q * sigma / sqrt(dk)) and slot
+        biases (B, J). No gradient: the choice is discrete. ``noise``: None (hard top-k) or a
+        torch.Generator for Gumbel top-k."""
         with torch.no_grad():
-            raw = torch.bmm(q.detach().to(keys.dtype), keys.transpose(1, 2))  # (B, H, J)
-            scores = raw * (sigma_prev[:, :, None] * self.scale) - self.load_penalty * read_ema[:, None, :]
-            scores = scores.masked_fill(~written[:, None, :], EMPTY_SCORE)
+            q = q_scaled.detach()
+            if q.dtype != keys.dtype:
+                q = q.to(keys.dtype)
+            scores = torch.baddbmm(bias[:, None, :], q, keys.transpose(1, 2))  # (B, H, J)
             if noise is not None and self.gumbel_scale > 0:
                 gumbel = -torch.empty_like(scores).exponential_(generator=noise).log()
                 return (scores + self.gumbel_scale * gumbel).topk(self.top_k, dim=-1).indices
@@ -258,30 +277,34 @@ class THLRouter(nn.Module):
                 return topk_lowest_index(scores, self.top_k)
             return scores.topk(self.top_k, dim=-1).indices
 
-    def read(self, q, state: dict, sigma_prev, noise=None, exact_ties: bool = True):
-        """Read the bank for queries q (B, H*dk). Returns (read (B, d), flat slot ids (B, H*k),
-        weights (B, H, k), chosen-slot-written mask (B, H, k))."""
+    def read(self, q, state: dict, sigma_prev, noise=None, exact_ties: bool = True, bias=None, rows=None):
+        """Read the bank for queries q (B, H*dk) at bank scale ``sigma_prev`` (B, 1).
+
+        Returns (read (B, d), flat slot ids (B, H*k), weights (B, H, k), chosen-slot-written
+        mask (B, H, k)). ``bias`` (`slot_bias`) and ``rows`` (arange(B)[:, None]) may be passed
+        precomputed."""
         B = q.shape[0]
         H, dk, k = self.heads, self.head_dim, self.top_k
-        bank, keys, read_ema, written = state["bank"], state["keys"], state["read_ema"], state["written"]
-        qh = q.view(B, H, dk)
-        idx = self.select(qh, keys, read_ema, written, sigma_prev, noise, exact_ties)
-        flat = idx.reshape(B, H * k)
+        bank, keys = state["bank"], state["keys"]
+        if bias is None:
+            bias = slot_bias(state, self.load_penalty)
+        if rows is None:
+            rows = torch.arange(B, device=q.device)[:, None]
+        sigma = sigma_prev[:, :, None]  # (B, 1, 1)
+        q_scaled = q.view(B, H, dk) * (sigma * self.scale)
+        flat = self.select(q_scaled, keys, bias, noise, exact_ties).reshape(B, H * k)
         with torch.no_grad():
-            chosen_written = written.gather(1, flat).view(B, H, k)
-            chosen_ema = read_ema.gather(1, flat).view(B, H, k)
-            chosen_keys = keys.gather(1, flat[:, :, None].expand(-1, -1, dk)).view(B, H, k, dk)
-        rows = torch.arange(B, device=q.device)[:, None]
+            chosen_bias = bias.gather(1, flat).view(B, H, k)
+            chosen_keys = keys[rows, flat].view(B, H, k, dk)
         slots = bank[rows, flat].view(B, H, k, -1)  # (B, H, k, d), differentiable in training
         if torch.is_grad_enabled():
             # Same values as the cached keys, with gradients to key_proj and the slots.
             projected = self.key_proj(slots).to(chosen_keys.dtype)
             chosen_keys = chosen_keys + (projected - projected.detach())
-        logits = (chosen_keys * qh[:, :, None, :]).sum(-1) * (sigma_prev[:, :, None] * self.scale)
-        logits = (logits - self.load_penalty * chosen_ema).masked_fill(~chosen_written, EMPTY_SCORE)
+        logits = torch.matmul(chosen_keys, q_scaled.to(chosen_keys.dtype)[..., None]).squeeze(-1) + chosen_bias
         weights = torch.softmax(logits.float(), dim=-1)
-        heads = torch.matmul(weights[:, :, None, :].to(slots.dtype), slots).squeeze(2) * sigma_prev[:, :, None]
-        return self.read_proj(heads.reshape(B, -1)), flat, weights, chosen_written
+        heads = torch.matmul(weights[:, :, None, :].to(slots.dtype), slots).squeeze(2) * sigma
+        return self.read_proj(heads.reshape(B, -1)), flat, weights, chosen_bias > EMPTY_SCORE / 2
 
 
 # ----------------------------------------------------------------------------- tiers
@@ -296,16 +319,14 @@ class THLTierCell(nn.Module):
         self.h_proj = nn.Linear(d, 3 * d, bias=True)  # own state
         for linear in (self.x_proj, self.r_proj, self.h_proj):
             linear.thl_init_std = 1.0 / math.sqrt(d)
-        self.hidden_size = d
+        self.split = [2 * d, d]
 
     def forward(self, x_gates: torch.Tensor, read: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
-        d = self.hidden_size
-        gi = x_gates + self.r_proj(read)
-        gh = self.h_proj(h)
-        rz = torch.sigmoid(gi[:, : 2 * d] + gh[:, : 2 * d])
-        r, z = rz[:, :d], rz[:, d:]
-        n = torch.tanh(gi[:, 2 * d :] + r * gh[:, 2 * d :])
-        return n + z * (h - n)
+        i_rz, i_n = (x_gates + self.r_proj(read)).split(self.split, dim=-1)
+        h_rz, h_n = self.h_proj(h).split(self.split, dim=-1)
+        r, z = torch.sigmoid(i_rz + h_rz).chunk(2, dim=-1)
+        n = torch.tanh(torch.addcmul(i_n, r, h_n))
+        return torch.lerp(n, h.to(n.dtype), z)  # (1 - z) n + z h
 
 
 # ----------------------------------------------------------------------------- writer
@@ -313,13 +334,14 @@ def novelty_and_gate(w, bank, norms, written, theta: float, beta: float):
     """novelty = 1 - max_j cos(w, m_j) over written slots (1 if none), gate =
     sigmoid(beta (novelty - theta)), and the most similar slot. No gradient."""
     with torch.no_grad():
-        wd = w.detach().to(bank.dtype)
-        dots = torch.bmm(bank.detach(), wd[:, :, None]).squeeze(-1)  # (B, J), scale-free below
-        cos = dots / (norms * wd.norm(dim=-1, keepdim=True)).clamp_min(1e-12)
-        cos = cos.masked_fill(~written, -3.0)
-        best, similar = cos.max(dim=-1)  # first index among ties
-        novelty = torch.where(best > -2.0, 1.0 - best, torch.ones_like(best))
-        gate = torch.sigmoid(beta * (novelty - theta))
+        wd = w.detach()
+        if wd.dtype != bank.dtype:
+            wd = wd.to(bank.dtype)
+        dots = torch.bmm(bank.detach(), wd[:, :, None]).squeeze(-1)  # (B, J); cos is scale-free
+        cos = dots / (norms * torch.linalg.vector_norm(wd, dim=-1, keepdim=True)).clamp_min(1e-12)
+        best, similar = torch.where(written, cos, -3.0).max(dim=-1)  # first index among ties
+        novelty = torch.where(best > -2.0, 1.0 - best, 1.0)
+        gate = torch.sigmoid((novelty - theta) * beta)
     return novelty, gate, similar
 
 
@@ -328,14 +350,12 @@ def choose_target(novel, similar, state: dict, policy: str):
     not novel -> the most similar slot. Ties go to the lowest index."""
     with torch.no_grad():
         written = state["written"]
-        empty = ~written
-        first_empty = empty.to(torch.uint8).argmax(dim=-1)
+        first_empty = written.to(torch.uint8).argmin(dim=-1)
         if policy == "least_used":
             evict = (state["read_ema"] + state["write_ema"]).argmin(dim=-1)
         else:  # "stale": the slot read or written longest ago
             evict = torch.maximum(state["last_read"], state["last_write"]).argmin(dim=-1)
-        fresh = torch.where(empty.any(dim=-1), first_empty, evict)
-        return torch.where(novel, fresh, similar)
+        return torch.where(novel, torch.where(written.all(dim=-1), evict, first_empty), similar)
 
 
 class THLWriter(nn.Module):
@@ -352,41 +372,58 @@ class THLWriter(nn.Module):
         self.policy = config.eviction_policy
 
     def candidate(self, s_first, s_top):
+        """w = normclip(W_w [s0; s_top]): rescaled to length ``write_max_norm`` when longer."""
         w = self.write_proj(torch.cat([s_first, s_top], dim=-1))
-        norm = w.norm(dim=-1, keepdim=True)
+        norm = torch.linalg.vector_norm(w, dim=-1, keepdim=True)
         return w * (self.max_norm / norm.clamp_min(1e-12)).clamp(max=1.0)
 
-    def write(self, w, state: dict, key_proj, sigma_cur, pos, real, inplace: bool = True):
-        """Write candidates w (B, d) at positions pos (B,). ``real``: None (every row holds a
-        real token) or (B, 1) bool; padded rows keep their state. Returns (target, novel, gate)."""
+    def write(self, w, state: dict, key_proj, sigma_cur, pos, real, inplace: bool = True, rows=None):
+        """Write candidates w (B, d) at positions pos (B,) with bank scale ``sigma_cur`` (B, 1)
+        after this token's decay. ``real``: None (every row holds a real token) or (B, 1) bool;
+        padded rows keep their state. Returns (target, novel, gate)."""
         B = w.shape[0]
         bank = state["bank"]
+        if rows is None:
+            rows = torch.arange(B, device=w.device)
         novelty, gate, similar = novelty_and_gate(w, bank, state["norms"], state["written"], self.theta, self.beta)
         novel = novelty > self.theta
         target = choose_target(novel, similar, state, self.policy)
-        rows = torch.arange(B, device=w.device)
-        old = bank[rows, target]  # stored value (B, d)
-        decayed = old * sigma_cur
-        w = w.to(bank.dtype)
-        new = torch.where(novel[:, None], gate[:, None].to(w.dtype) * w, decayed + self.eta * (w - decayed))
-        new = new / sigma_cur
+        index = (rows, target)
+        old = bank[index]  # stored value (B, d)
+        w_stored = w.to(bank.dtype) / sigma_cur  # the stored form of an effective value w
+        # novel: m = gate w;  not novel: m = (1 - eta) m + eta w  (both in stored form)
+        new = torch.where(novel[:, None], gate[:, None] * w_stored, torch.lerp(old, w_stored, self.eta))
         if real is not None:
             new = torch.where(real, new, old)
         put = _put_ if inplace else _put
-        state["bank"] = put(bank, (rows, target), new.to(bank.dtype))
+        state["bank"] = put(bank, index, new)
         with torch.no_grad():
             stored = new.detach()
-            state["keys"] = put(state["keys"], (rows, target), key_proj(stored).to(state["keys"].dtype))
-            state["norms"] = put(state["norms"], (rows, target), stored.norm(dim=-1).to(state["norms"].dtype))
-            realv = real[:, 0] if real is not None else torch.ones(B, dtype=torch.bool, device=w.device)
-            state["written"] = put(state["written"], (rows, target), state["written"][rows, target] | realv)
-            rho = self.rho if real is None else torch.where(real, self.rho, 1.0).to(state["write_ema"].dtype)
-            ema = state["write_ema"] * rho if not inplace else state["write_ema"].mul_(rho)
-            bump = (1.0 - self.rho) * realv.to(ema.dtype)
-            state["write_ema"] = put(ema, (rows, target), ema[rows, target] + bump)
-            state["last_write"] = put(
-                state["last_write"], (rows, target), torch.where(realv, pos, state["last_write"][rows, target])
-            )
+            key = key_proj(stored)
+            if key.dtype != state["keys"].dtype:
+                key = key.to(state["keys"].dtype)
+            norm = torch.linalg.vector_norm(stored, dim=-1)
+            ema = state["write_ema"]
+            if real is None:
+                written_new = torch.ones(B, dtype=torch.bool, device=w.device)
+                bump = torch.full((B,), 1.0 - self.rho, dtype=ema.dtype, device=w.device)
+                last = pos
+                ema = ema.mul_(self.rho) if inplace else ema * self.rho
+            else:  # padded rows keep everything bit for bit
+                realv = real[:, 0]
+                key = torch.where(real, key, state["keys"][index])
+                norm = torch.where(realv, norm, state["norms"][index])
+                written_new = state["written"][index] | realv
+                bump = (1.0 - self.rho) * realv.to(ema.dtype)
+                last = torch.where(realv, pos, state["last_write"][index])
+                rho = torch.where(real, self.rho, 1.0).to(ema.dtype)
+                ema = ema.mul_(rho) if inplace else ema * rho
+            state["keys"] = put(state["keys"], index, key)
+            state["norms"] = put(state["norms"], index, norm.to(state["norms"].dtype))
+            state["written"] = put(state["written"], index, written_new)
+            state["write_ema"] = ema.index_put_(index, bump, accumulate=True) if inplace else ema.index_put(
+                index, bump, accumulate=True)
+            state["last_write"] = put(state["last_write"], index, last)
         return target, novel, gate
 
 
@@ -402,7 +439,7 @@ def update_read_usage(state: dict, flat, weights, chosen_written, pos, real, rho
     """Read EMA and last-read time of the slots read at this step (padded rows unchanged)."""
     with torch.no_grad():
         B, H, k = weights.shape
-        usage = (weights * chosen_written).to(state["read_ema"].dtype)
+        usage = weights * chosen_written
         cond = chosen_written
         if real is not None:
             usage = usage * real[:, :, None]
@@ -410,7 +447,7 @@ def update_read_usage(state: dict, flat, weights, chosen_written, pos, real, rho
             rho_t = torch.where(real, rho, 1.0).to(state["read_ema"].dtype)
         else:
             rho_t = rho
-        src = usage.view(B, H * k) * ((1.0 - rho) / H)
+        src = (usage * ((1.0 - rho) / H)).view(B, H * k).to(state["read_ema"].dtype)
         if inplace:
             state["read_ema"].mul_(rho_t).scatter_add_(1, flat, src)
         else:
@@ -481,6 +518,7 @@ class StepFlags:
     sigma_prev: torch.Tensor  # (B, 1)
     sigma_cur: torch.Tensor  # (B, 1)
     pos: torch.Tensor  # (B,)
+    rows: torch.Tensor | None = None  # arange(B)[:, None]
 
 
 class THLRecurrentCore(GradientCheckpointingLayer):
@@ -522,6 +560,7 @@ class THLRecurrentCore(GradientCheckpointingLayer):
         if noise_seed is not None:  # a fixed seed: checkpoint recomputation draws the same noise
             noise = torch.Generator(device=x.device).manual_seed(noise_seed)
         outputs = []
+        rows = torch.arange(x.shape[0], device=x.device)[:, None]
         for t in range(plan.T):
             flags = StepFlags(
                 real=None if plan.all_real[t] else plan.real[t],
@@ -531,6 +570,7 @@ class THLRecurrentCore(GradientCheckpointingLayer):
                 sigma_prev=plan.sigma_prev[t],
                 sigma_cur=plan.sigma_cur[t],
                 pos=plan.pos[t],
+                rows=rows,
             )
             self.step(query_x[t], gates_x[t], state, flags, noise=noise, exact_ties=exact_ties, inplace=True)
             if t >= store_from:
@@ -545,7 +585,8 @@ class THLRecurrentCore(GradientCheckpointingLayer):
         tiers = state["tiers"]
         router = self.router
         q = query_x + router.state_query_proj(torch.cat([tiers[0], tiers[-1]], dim=-1))
-        read, flat, weights, chosen_written = router.read(q, state, flags.sigma_prev, noise, exact_ties)
+        read, flat, weights, chosen_written = router.read(
+            q, state, flags.sigma_prev, noise, exact_ties, slot_bias(state, router.load_penalty), flags.rows)
         update_read_usage(state, flat, weights, chosen_written, flags.pos, flags.real, self.writer.rho, inplace)
         tiers = list(tiers)
         for k, cell in enumerate(self.tiers):
@@ -565,7 +606,8 @@ class THLRecurrentCore(GradientCheckpointingLayer):
                 state["keys"] = state["keys"] * flags.fold[:, :, None]
                 state["norms"] = state["norms"] * flags.fold
         w = self.writer.candidate(tiers[0], tiers[-1])
-        self.writer.write(w, state, router.key_proj, flags.sigma_cur, flags.pos, flags.real, inplace)
+        self.writer.write(w, state, router.key_proj, flags.sigma_cur, flags.pos, flags.real, inplace,
+                          flags.rows[:, 0] if flags.rows is not None else None)
 
 
 # ----------------------------------------------------------------------------- models
