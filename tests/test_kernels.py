@@ -467,6 +467,22 @@ def test_retention_split_with_carried_state_equals_one_pass(split):
     assert_close(s2, s, 1e-5, 1e-5, "state")
 
 
+def test_non_contiguous_inputs():
+    # layouts the layers produce: [B, L, H, D] projections transposed, [B, L, N] transposed
+    ins = retention_inputs(length=21, per_token=True, seed=13)
+    strided = {k: (v.detach().transpose(1, 2).contiguous().transpose(1, 2) if v is not None and v.dim() == 4
+                   and k != "initial_state" else v.detach()) for k, v in ins.items()}
+    assert not strided["q"].is_contiguous()
+    for fn in (retention_parallel, retention_chunked):
+        assert_close(fn(**strided, chunk_size=8) if fn is retention_chunked else fn(**strided),
+                     retention_ref(**ins).detach(), what=fn.__name__)
+    sins = scan_inputs(length=21, seed=14)
+    strided = {k: (v.detach().transpose(1, 2).contiguous().transpose(1, 2) if v is not None and v.dim() == 3
+                   else v) for k, v in sins.items()}
+    assert not strided["B"].is_contiguous()
+    assert_close(selective_scan_chunked(**strided, chunk_size=8), selective_scan_ref(**sins).detach(), what="scan")
+
+
 def test_retention_output_dtype():
     ins = {k: v.detach().bfloat16() if v is not None and k != "log_decay" else v
            for k, v in retention_inputs(length=10, per_token=True).items()}

@@ -129,9 +129,9 @@ def retention_chunked(q, k, v, log_decay, initial_state=None, scale=1.0, return_
     if pad:
         q, k, v = (F.pad(t, (0, 0, 0, pad)) for t in (q, k, v))
         ld = F.pad(ld, (0, pad))
-    q = q.view(batch, heads, n_chunks, size, dk)
-    k = k.view(batch, heads, n_chunks, size, dk)
-    v = v.view(batch, heads, n_chunks, size, dv)
+    q = q.reshape(batch, heads, n_chunks, size, dk)
+    k = k.reshape(batch, heads, n_chunks, size, dk)
+    v = v.reshape(batch, heads, n_chunks, size, dv)
     ld = ld.reshape(batch, heads, n_chunks, size)
     seg = _segment_sums(ld)  # [B, H, n, T, T], within chunks
     cum = ld.cumsum(-1)  # [B, H, n, T], from each chunk's start
