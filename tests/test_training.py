@@ -130,8 +130,9 @@ def test_schedule_warms_up_then_decays_by_steps_or_by_time():
     assert by_time(11) == pytest.approx(0.1)
 
 
-def test_time_budget_stops_a_real_run(tmp_path):
-    result = train_model(**dict(TINY_RUN, max_steps=50), time_budget_s=0, output_dir=tmp_path / "budget")
+def test_time_budget_stops_a_real_streaming_run(tmp_path):
+    result = train_model(**dict(TINY_RUN, max_steps=50), time_budget_s=0, streaming=True,
+                         output_dir=tmp_path / "budget")
     assert result.metrics["train_steps"] == 1
     assert result.stopped_by_time_budget
     assert (tmp_path / "budget" / "model.safetensors").is_file()

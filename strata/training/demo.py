@@ -25,7 +25,7 @@ DEFAULT_OUTPUT = os.path.join("outputs", "demo-retmamba")
 # fusion-small with a narrower, shallower body: learns visibly in two minutes on 2 CPU cores.
 DEMO_PRESET = "fusion-small"
 DEMO_CONFIG = dict(hidden_size=128, num_hidden_layers=4, layer_pattern="F", num_attention_heads=4,
-                   intermediate_size=384, state_size=16, chunk_size=64)
+                   intermediate_size=384, expand=1, state_size=8, chunk_size=32)
 DEMO_TRAINING = dict(seq_len=128, batch_size=16, lr=3e-3, warmup_steps=20, logging_steps=5)
 
 
