@@ -21,7 +21,9 @@ from strata.kernels.kernels_retention import retention, retention_step
 from strata.modeling.layers_common import HeadRMSNorm, apply_rotary
 
 RETENTION_STATE = "retention_state"
-_FORM_TO_BACKEND = {"chunkwise": "chunked", "parallel": "parallel", "recurrent": "ref"}
+# retention_mode -> kernel backend; chunkwise is the kernels' automatic default, so None
+# lets STRATA_KERNEL_BACKEND and the device decide.
+_FORM_TO_BACKEND = {"chunkwise": None, "parallel": "parallel", "recurrent": "ref"}
 
 
 def retnet_log_decay(num_heads: int, device=None) -> torch.Tensor:
@@ -54,8 +56,8 @@ class MultiScaleRetention(nn.Module):
         init.zeros_(self.decay_proj.weight)
         init.constant_(self.decay_proj.bias, math.log(math.e - 1.0))
 
-    def _backend(self) -> str:
-        return "ref" if self.kernel_backend == "ref" else _FORM_TO_BACKEND[self.form]
+    def _backend(self) -> str | None:
+        return self.kernel_backend if self.kernel_backend else _FORM_TO_BACKEND[self.form]
 
     def forward(self, x, position_embeddings, attention_mask=None, token_mask=None, cache=None):
         B, T, _ = x.shape
