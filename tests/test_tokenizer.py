@@ -623,3 +623,22 @@ def test_decode_accepts_tensors_and_rejects_non_integers(default_tok):
     for bad, name in (([1.5], "float"), ([True], "bool"), (["a"], "str")):
         with pytest.raises(TypeError, match=f"token ids must be integers, got {name}"):
             default_tok.decode(bad)
+
+
+def test_build_default_vocab_script(tmp_path):
+    from strata.tokenization.build_default_vocab import CORPORA, build_default
+
+    data = tmp_path / "data"
+    data.mkdir()
+    for name, text in zip(CORPORA, ["To be, or not to be.\n" * 3, "床前明月光\n" * 2, "子曰：学而时习之\n" * 2]):
+        (data / name).write_text(text, encoding="utf-8")
+    build_default(tmp_path / "a", data)
+    build_default(tmp_path / "b", data)
+    names = sorted(p.name for p in (tmp_path / "a").iterdir())
+    assert names == ["tokenizer_config.json", "vocab.json", "word_vocab.json"]  # no code copy
+    for name in names:
+        assert (tmp_path / "a" / name).read_bytes() == (tmp_path / "b" / name).read_bytes()
+    assert "auto_map" not in json.loads((tmp_path / "a" / "tokenizer_config.json").read_text())
+    tok = CharWordTokenizer.from_pretrained(tmp_path / "a")
+    assert tok("To be")["input_ids"] == [tok.convert_tokens_to_ids(c) for c in "To be"]
+    assert tok.get_word_vocab()["明月光"] > 3

@@ -158,36 +158,49 @@ def _jieba():
     return _JIEBA
 
 
-def _cut_han_runs(runs: list[str]) -> list[list[str]]:
-    """jieba (HMM off, deterministic) over runs of Han characters, one call for all."""
+def _cut_han_runs(runs: list[str]) -> list[str]:
+    """jieba (HMM off, deterministic) over runs of Han characters, in one call: the words
+    of each run, runs separated by a "\n" item."""
     segmenter = _jieba()
-    words = segmenter.lcut("\n".join(runs), HMM=False)
-    groups, current = [], []
-    for word in words:
-        if word == "\n":
-            groups.append(current)
-            current = []
-        else:
-            current.append(word)
-    groups.append(current)
-    if len(groups) != len(runs) or any(sum(map(len, g)) != len(r) for g, r in zip(groups, runs)):
-        groups = [segmenter.lcut(run, HMM=False) for run in runs]  # never seen; kept as a guard
-    return groups
+    joined = "\n".join(runs)
+    words = segmenter.lcut(joined, HMM=False)
+    # jieba yields every "\n" alone and no word holds one, so the "\n" items separate the
+    # runs; checked (cheaply) all the same, the per-run fallback costs only speed.
+    if words.count("\n") != len(runs) - 1 or sum(map(len, words)) != len(joined):
+        words = []
+        for run in runs:
+            words += segmenter.lcut(run, HMM=False)
+            words.append("\n")
+        words.pop()
+    return words
 
 
 def split_words(text: str) -> list[str]:
-    """Cut `text` into word units; `"".join(split_words(text)) == text`."""
+    """Cut `text` into the word units of `word_ids`; `"".join(split_words(text)) == text`.
+
+    - a run of Han characters (CJK unified ideographs, extensions, compatibility
+      ideographs) is cut by jieba, accurate mode without HMM (dictionary words only, so
+      the result never depends on statistics of the input);
+    - a run of letters and digits of any other script (`str.isalnum`), apostrophes
+      (' and U+2019) and combining marks is one word: "It's", "naïve", "नमस्ते";
+    - a run of whitespace is one unit ("\\r\\n\\t  ");
+    - every other character (punctuation, symbols, emoji, "_", controls) is a unit alone.
+    """
     if text.isascii():
         return _ASCII_UNITS.findall(text)
     parts = _HAN_RUN.split(text)
     if len(parts) == 1:
         return _units_of(text)
-    han_words = _cut_han_runs(parts[1::2])
-    units = []
+    words = _cut_han_runs(parts[1::2])
+    find = words.index
+    last = len(parts) - 2  # parts alternate: other text, Han run, ..., other text
+    units, start = [], 0
     cache = _SHORT_UNITS
     for i, part in enumerate(parts):
         if i % 2:
-            units += han_words[i // 2]
+            end = find("\n", start) if i < last else len(words)
+            units += words[start:end]
+            start = end + 1
         elif part:
             got = cache.get(part)
             if got is None:
@@ -369,9 +382,7 @@ class CharWordTokenizer(PreTrainedTokenizer):
             self._id_to_token[index] = token
         self.add_bos_token = bool(add_bos_token)
         self.add_eos_token = bool(add_eos_token)
-        self._lut = np.full(MAX_CODE_POINT + 1, -1, dtype=np.int32)
-        chars = self._id_to_token[FIRST_CHAR_ID:]
-        self._lut[[ord(c) for c in chars]] = np.arange(FIRST_CHAR_ID, len(self._vocab), dtype=np.int32)
+        self._lut = self._build_lut()
         self._pieces: list[str] = []
         self._added_re = None
         self._added_first_chars = ""
@@ -447,9 +458,14 @@ class CharWordTokenizer(PreTrainedTokenizer):
 
     def __setstate__(self, state):
         self.__dict__.update(state)
-        self._lut = np.full(MAX_CODE_POINT + 1, -1, dtype=np.int32)
+        self._lut = self._build_lut()
+
+    def _build_lut(self) -> np.ndarray:
+        """Code point -> character id, -1 where the character is not in the vocabulary."""
+        lut = np.full(MAX_CODE_POINT + 1, -1, dtype=np.int32)
         chars = self._id_to_token[FIRST_CHAR_ID:]
-        self._lut[[ord(c) for c in chars]] = np.arange(FIRST_CHAR_ID, len(self._vocab), dtype=np.int32)
+        lut[[ord(c) for c in chars]] = np.arange(FIRST_CHAR_ID, len(self._id_to_token), dtype=np.int32)
+        return lut
 
     # -- the fast core: characters -> ids ------------------------------------------
 
@@ -618,32 +634,32 @@ class CharWordTokenizer(PreTrainedTokenizer):
         return self.compute_word_ids(token_ids)["word_token_ids"]
 
     def _word_ids_of_ids(self, ids: list[int]) -> dict:
-        for i in ids:
-            if not isinstance(i, (int, np.integer)) or isinstance(i, bool):
-                raise TypeError(f"token ids must be integers, got {type(i).__name__}")
+        for kind in set(map(type, ids)) - {int}:
+            if not issubclass(kind, np.integer) or issubclass(kind, bool):
+                raise TypeError(f"token ids must be integers, got {kind.__name__}")
         ids = [int(i) for i in ids]
         self._check_ids(ids)
         word_ids, word_tok = [-1] * len(ids), [PAD_ID] * len(ids)
         added = self._added_tokens_decoder
         special = self._special_word_ids
+        array = np.asarray(ids, dtype=np.int64)
+        # added/special tokens cut the ids into runs of character and byte ids
+        cuts = np.flatnonzero((array < BYTE_OFFSET) | (array >= len(self._vocab))).tolist()
         n_words, start = 0, 0
-        for end in range(len(ids) + 1):
-            if end < len(ids) and ids[end] not in added:
-                continue
-            if end > start:  # a run of character/byte ids
-                run = ids[start:end]
-                w_ids, w_tok = self._run_word_ids(run)
-                for j, (a, b) in enumerate(zip(w_ids, w_tok)):
-                    word_ids[start + j] = a + n_words if a >= 0 else -1
-                    word_tok[start + j] = b
-                n_words += max(w_ids, default=-1) + 1
+        for end in cuts + [len(ids)]:
+            if end > start:
+                w_ids, w_tok = self._run_word_ids(ids[start:end])
+                word_ids[start:end] = [w + n_words for w in w_ids]
+                word_tok[start:end] = w_tok
+                n_words += max(w_ids) + 1
             if end < len(ids):
                 index = ids[end]
                 if index in special:
                     word_tok[end] = special[index]
                 else:
                     word_ids[end] = n_words
-                    word_tok[end] = self._word_vocab.get(added[index].content, UNK_ID)
+                    content = added[index].content if index in added else None
+                    word_tok[end] = self._word_vocab.get(content, UNK_ID)
                     n_words += 1
             start = end + 1
         return {"word_ids": word_ids, "word_token_ids": word_tok}
@@ -772,8 +788,8 @@ class CharWordTokenizer(PreTrainedTokenizer):
         kwargs.pop("add_bos_token", None)
         kwargs.pop("add_eos_token", None)
         kwargs.pop("sanitize_control_tokens", None)
-        if kwargs:
-            raise TypeError(f"CharWordTokenizer got unexpected keyword arguments: {sorted(kwargs)}")
+        if kwargs:  # as the transformers tokenizers do: say so, go on
+            logger.warning(f"CharWordTokenizer ignores the keyword arguments {sorted(kwargs)}")
         if split_special_tokens is None:
             split_special_tokens = self.split_special_tokens
         batched = self._is_batch(text, is_split_into_words)
