@@ -186,9 +186,16 @@ def train_throughput(model, batch: int, seq: int, steps: int, warmup: int, seed:
 HF_GENERATE = transformers.GenerationMixin._sample
 
 
+def no_eos(model):
+    """Generate exactly ``max_new_tokens`` tokens: no EOS stopping (and no EOS-suppressing processor)."""
+    model.generation_config.eos_token_id = None
+    return model
+
+
 def _generate(model, ids, new_tokens, mode, cache=None):
-    kwargs = dict(max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False,
-                  pad_token_id=model.config.pad_token_id or 0)
+    if model.generation_config.eos_token_id is not None:
+        no_eos(model)
+    kwargs = dict(max_new_tokens=new_tokens, do_sample=False, pad_token_id=model.config.pad_token_id or 0)
     if mode == "hf":
         kwargs["custom_generate"] = HF_GENERATE
     if cache is not None:
@@ -211,73 +218,88 @@ def prefill(model, ids) -> tuple[object, float]:
     return cache, elapsed
 
 
-def decode_throughput(model, prompt_len: int, new_tokens: int, repeats: int, mode: str = "default",
+def decode_throughput(model, prompt_len: int, new_tokens: int, repeats: int, modes=("default",),
                       seed: int = 0, check_equal: bool = False) -> dict:
     """Per-token decoding latency after a ``prompt_len``-token prompt (batch 1, greedy).
 
-    mode: ``"default"`` = the model's own ``generate`` (strata: block generation);
+    modes: ``"default"`` = the model's own ``generate`` (strata: block generation);
     ``"hf"`` = ``generate(custom_generate=GenerationMixin._sample)``, the plain
-    Transformers decoding loop on the same model.
+    Transformers decoding loop on the same model. Several modes are timed interleaved
+    (A B A B ...) on copies of one pre-filled cache. Returns {mode: result}.
     """
     model.eval()
     gen = torch.Generator().manual_seed(seed)
     ids = torch.randint(3, model.config.vocab_size, (1, prompt_len), generator=gen)
-    result = {"prompt_len": prompt_len, "new_tokens": new_tokens, "mode": mode}
+    results = {mode: {"prompt_len": prompt_len, "new_tokens": new_tokens, "mode": mode} for mode in modes}
+    times = {mode: [] for mode in modes}
+    mem_deltas = {mode: [] for mode in modes}
     if _supports_prefilled_cache(model):
         cache, _ = prefill(model, ids[:, :-1])  # warm-up of the prefill path
         del cache
         gc.collect()
         with PeakRSS() as mem_prefill:
             cache, prefill_s = prefill(model, ids[:, :-1])
-        result["prefill_s"] = prefill_s
-        result["prefill_tokens_per_s"] = (prompt_len - 1) / prefill_s
-        result["prefill_peak_rss_bytes"] = mem_prefill.delta
-        result["state_bytes"] = state_bytes(cache)
-        result["method"] = "prefilled cache"
-        _generate(model, ids, min(4, new_tokens), mode, copy.deepcopy(cache))  # warm-up
-        times = []
-        mem_deltas = []
-        out = None
+        common = {
+            "method": "prefilled cache",
+            "prefill_s": prefill_s,
+            "prefill_tokens_per_s": (prompt_len - 1) / prefill_s,
+            "prefill_peak_rss_bytes": mem_prefill.delta,
+            "state_bytes": state_bytes(cache),
+        }
+        outputs = {}
+        for mode in modes:  # warm-up
+            _generate(model, ids, min(4, new_tokens), mode, copy.deepcopy(cache))
         for _ in range(repeats):
-            work = copy.deepcopy(cache)
-            gc.collect()
-            with PeakRSS() as mem:
-                start = time.perf_counter()
-                out = _generate(model, ids, new_tokens, mode, work)
-                times.append(time.perf_counter() - start)
-            mem_deltas.append(mem.delta)
-            del work
-        per_token = statistics.median(times) / new_tokens
-        result["decode_peak_rss_bytes"] = None if None in mem_deltas else int(statistics.median(mem_deltas))
-        if check_equal:
-            result["output"] = out[0, prompt_len:].tolist()
+            for mode in modes:
+                work = copy.deepcopy(cache)
+                gc.collect()
+                with PeakRSS() as mem:
+                    start = time.perf_counter()
+                    out = _generate(model, ids, new_tokens, mode, work)
+                    times[mode].append(time.perf_counter() - start)
+                mem_deltas[mode].append(mem.delta)
+                outputs[mode] = out[0, prompt_len:].tolist()
+                del work, out
+        per_token = {mode: statistics.median(times[mode]) / new_tokens for mode in modes}
         del cache
-    else:
-        result["method"] = "difference"
-        _generate(model, ids, 2, mode)  # warm-up
-        t1s, tns = [], []
+    else:  # by difference of two generate calls, each with its own prefill
+        common = {"method": "difference"}
+        outputs = {}
+        t1s = {mode: [] for mode in modes}
+        for mode in modes:
+            _generate(model, ids, 2, mode)  # warm-up
         for _ in range(repeats):
-            start = time.perf_counter()
-            _generate(model, ids, 1, mode)
-            t1s.append(time.perf_counter() - start)
-            with PeakRSS() as mem:
+            for mode in modes:
                 start = time.perf_counter()
-                _generate(model, ids, new_tokens + 1, mode)
-                tns.append(time.perf_counter() - start)
-        t1 = statistics.median(t1s)
-        per_token = max(statistics.median(tns) - t1, 1e-9) / new_tokens
-        result["prefill_s"] = t1
-        result["prefill_tokens_per_s"] = prompt_len / t1
+                _generate(model, ids, 1, mode)
+                t1s[mode].append(time.perf_counter() - start)
+                with PeakRSS() as mem:
+                    start = time.perf_counter()
+                    _generate(model, ids, new_tokens + 1, mode)
+                    times[mode].append(time.perf_counter() - start)
+                mem_deltas[mode].append(mem.delta)  # includes the prefill
+        per_token = {}
+        for mode in modes:
+            t1 = statistics.median(t1s[mode])
+            per_token[mode] = max(statistics.median(times[mode]) - t1, 1e-9) / new_tokens
+            results[mode]["prefill_s"] = t1
+            results[mode]["prefill_tokens_per_s"] = prompt_len / t1
         cache, _ = prefill(model, ids)
-        result["state_bytes"] = state_bytes(cache)
-        result["decode_peak_rss_bytes"] = mem.delta  # includes the prefill
+        common["state_bytes"] = state_bytes(cache)
         del cache
-        times = tns
     gc.collect()
-    result["ms_per_token"] = per_token * 1e3
-    result["tokens_per_s"] = 1.0 / per_token
-    result["times_s"] = [round(t, 4) for t in times]
-    return result
+    for mode in modes:
+        r = results[mode]
+        r.update(common)
+        r["ms_per_token"] = per_token[mode] * 1e3
+        r["tokens_per_s"] = 1.0 / per_token[mode]
+        r["times_s"] = [round(t, 4) for t in times[mode]]
+        r["decode_peak_rss_bytes"] = None if None in mem_deltas[mode] else int(statistics.median(mem_deltas[mode]))
+    if check_equal and len(outputs) > 1:
+        same = len({tuple(v) for v in outputs.values()}) == 1
+        for mode in modes:
+            results[mode]["same_greedy_output_across_modes"] = same
+    return results
 
 
 @contextlib.contextmanager
@@ -288,3 +310,75 @@ def threads(n: int):
         yield
     finally:
         torch.set_num_threads(old)
+
+
+# ----------------------------------------------------------------------------- kernel share
+
+KERNEL_SITES = {  # (module holding the name the layer calls, that name)
+    "selective_scan": ("strata.modeling.layers_mamba", "selective_scan"),
+    "retention": ("strata.modeling.layers_retention", "retention"),
+    "causal_conv1d": ("strata.modeling.layers_mamba", "causal_conv1d"),
+}
+
+
+def kernel_share(model, batch: int, seq: int, repeats: int = 3, seed: int = 0) -> dict:
+    """Time of each strata kernel (forward + backward) inside one training step.
+
+    One forward of the model records the arguments of every kernel call; each call is
+    then replayed alone on detached copies of those arguments (forward, then backward of
+    the sum of its outputs) and timed; ``step_s`` is the whole training step on the same
+    batch, so ``share`` says how much of the step the kernel accounts for.
+    """
+    import importlib
+
+    model.train()
+    gen = torch.Generator().manual_seed(seed)
+    ids = torch.randint(3, model.config.vocab_size, (batch, seq), generator=gen)
+    calls = {name: [] for name in KERNEL_SITES}
+    originals = {}
+
+    def recorder(name, fn):
+        def wrapped(*args, **kwargs):
+            calls[name].append((args, kwargs))
+            return fn(*args, **kwargs)
+        return wrapped
+
+    for name, (module_name, attr) in KERNEL_SITES.items():
+        module = importlib.import_module(module_name)
+        originals[name] = (module, attr, getattr(module, attr))
+        setattr(module, attr, recorder(name, getattr(module, attr)))
+    try:
+        model(input_ids=ids, labels=ids, use_cache=False)
+    finally:
+        for module, attr, fn in originals.values():
+            setattr(module, attr, fn)
+
+    def detach(x):
+        if isinstance(x, torch.Tensor):
+            y = x.detach().clone()
+            return y.requires_grad_(x.requires_grad and y.is_floating_point())
+        return x
+
+    result = {}
+    for name, recorded in calls.items():
+        if not recorded:
+            continue
+        fn = originals[name][2]
+        replays = [([detach(a) for a in args], {k: detach(v) for k, v in kwargs.items()}) for args, kwargs in recorded]
+
+        def run():
+            for args, kwargs in replays:
+                out = fn(*args, **kwargs)
+                outs = out if isinstance(out, tuple) else (out,)
+                total = sum(o.float().sum() for o in outs if isinstance(o, torch.Tensor) and o.requires_grad)
+                if isinstance(total, torch.Tensor):
+                    total.backward()
+
+        median, _ = median_time(run, repeats, warmup=1)
+        result[name] = {"calls_per_step": len(recorded), "fwd_bwd_s": median}
+    step = train_throughput(model, batch, seq, repeats, warmup=1)
+    for r in result.values():
+        r["share_of_step"] = r["fwd_bwd_s"] / step["step_s"]
+    result["step_s"] = step["step_s"]
+    model.eval()
+    return result

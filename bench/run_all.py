@@ -45,21 +45,24 @@ MB = 1024 * 1024
 FULL = dict(
     train_batch=4, train_seq=256, train_warmup=2, train_steps=5,
     hf_mamba_seq=32, hf_mamba_steps=2,
-    contexts=[256, 1024, 4096, 16384], hf_contexts=[256, 4096], new_tokens=64, repeats=3,
+    contexts=[256, 1024, 4096, 16384], hf_contexts=[256, 4096], new_tokens=64, repeats=3, tiny_new_tokens=128,
 )
 QUICK = dict(
     train_batch=2, train_seq=128, train_warmup=1, train_steps=3,
     hf_mamba_seq=16, hf_mamba_steps=1,
-    contexts=[256, 1024, 4096], hf_contexts=[256, 4096], new_tokens=16, repeats=2,
+    contexts=[256, 1024, 4096], hf_contexts=[256, 4096], new_tokens=16, repeats=2, tiny_new_tokens=64,
 )
 TINY = dict(  # smoke test of the harness (tests/test_bench_smoke.py)
     train_batch=1, train_seq=32, train_warmup=1, train_steps=1,
     hf_mamba_seq=8, hf_mamba_steps=1,
-    contexts=[32, 64], hf_contexts=[32, 64], new_tokens=4, repeats=1,
+    contexts=[32, 64], hf_contexts=[32, 64], new_tokens=4, repeats=1, tiny_new_tokens=4,
 )
 
-DECODE_MODELS = ["transformer", "retnet", "mamba", "hybrid", "fusion", "llama"]
+DECODE_MODELS = ["transformer", "retnet", "mamba", "hybrid", "fusion", "llama", "hf-mamba"]
 TRAIN_MODELS = ["transformer", "retnet", "mamba", "hybrid", "fusion", "llama"]
+HF_MAMBA = ["hf-mamba", "mamba"]  # the HF Mamba training comparison
+TINY_MODELS = list(models.STRATA_FAMILIES)  # block generation on the -tiny presets
+KERNEL_MODELS = ["retnet", "mamba", "fusion"]  # kernel share of the training step
 
 
 def log(*args):
@@ -83,49 +86,88 @@ def run_training(settings, size, results):
         del model
         gc.collect()
 
-    # HF Mamba runs a Python loop over positions on CPU: a short sequence, a few steps, and
-    # strata's mamba preset again on exactly that shape.
-    seq = settings["hf_mamba_seq"]
-    log(f"== training, HF Mamba shape: batch {settings['train_batch']} x seq {seq}, "
-        f"median of {settings['hf_mamba_steps']} steps")
-    short = results.setdefault("train_short", {})
-    for name in ("hf-mamba", "mamba"):
-        model = models.build(name, size)
-        steps = settings["hf_mamba_steps"] if name == "hf-mamba" else settings["train_steps"]
-        r = harness.train_throughput(model, settings["train_batch"], seq, steps, warmup=1)
-        short[name] = r
-        log(f"  {name:12s} {r['tokens_per_s']:9.1f} tok/s   step {r['step_s'] * 1e3:7.1f} ms   "
-            f"peak +{_mb(r['peak_rss_bytes'])} MB")
-        del model
-        gc.collect()
+    # HF Mamba runs a Python loop over positions on CPU (about 20-60 tokens/s): the same shape,
+    # warmed up on a short sequence, timed over a few steps only; then batch 1, where its loop
+    # is not amortised over rows, against strata's mamba preset on exactly that shape.
+    shapes = [(settings["train_batch"], settings["train_seq"], settings["hf_mamba_steps"])]
+    shapes.append((1, settings["train_seq"], 1))
+    extra = results.setdefault("train_hf_mamba", {})
+    for batch, seq, steps in shapes:
+        key = f"{batch}x{seq}"
+        log(f"== training, HF Mamba vs strata mamba: batch {batch} x seq {seq}, median of {steps} step(s)")
+        for name in HF_MAMBA:
+            if name in TRAIN_MODELS and key == f"{settings['train_batch']}x{settings['train_seq']}":
+                if name in train:  # already measured above
+                    extra.setdefault(key, {})[name] = train[name]
+                    continue
+            model = models.build(name, size)
+            if name == "hf-mamba":
+                harness.train_throughput(model, batch, settings["hf_mamba_seq"], 1, warmup=1)  # warm-up, short
+                r = harness.train_throughput(model, batch, seq, steps, warmup=0)
+            else:
+                r = harness.train_throughput(model, batch, seq, settings["train_steps"], settings["train_warmup"])
+            extra.setdefault(key, {})[name] = r
+            if key == f"{settings['train_batch']}x{settings['train_seq']}":
+                train[name] = r
+            log(f"  {name:12s} {r['tokens_per_s']:9.1f} tok/s   step {r['step_s'] * 1e3:9.1f} ms   "
+                f"peak +{_mb(r['peak_rss_bytes'])} MB")
+            del model
+            gc.collect()
 
 
 def run_decoding(settings, size, results):
     log(f"\n== decoding: batch 1, greedy, {settings['new_tokens']} new tokens after a prompt, "
         f"median of {settings['repeats']}")
     decode = results.setdefault("decode", {})
-    for name in DECODE_MODELS + ["hf-mamba"]:
+    for name in DECODE_MODELS:
         model = models.build(name, size).eval()
-        modes = ["default"]
-        if name in models.STRATA_FAMILIES:
-            modes.append("hf")
         contexts = settings["hf_contexts"] if name == "hf-mamba" else settings["contexts"]
         for context in contexts:
-            for mode in modes:
-                if mode == "hf" and context not in settings["hf_contexts"]:
-                    continue
-                r = harness.decode_throughput(model, context, settings["new_tokens"], settings["repeats"],
-                                              mode=mode, check_equal=name in models.STRATA_FAMILIES)
+            modes = ["default"]
+            if name in models.STRATA_FAMILIES and context in settings["hf_contexts"]:
+                modes.append("hf")
+            runs = harness.decode_throughput(model, context, settings["new_tokens"], settings["repeats"],
+                                             modes=modes, check_equal=True)
+            for mode, r in runs.items():
                 decode.setdefault(name, {}).setdefault(mode, {})[str(context)] = r
                 log(f"  {name:12s} {mode:7s} prompt {context:6d}: {r['ms_per_token']:7.2f} ms/token "
                     f"({r['tokens_per_s']:6.1f} tok/s)   prefill {r['prefill_tokens_per_s']:8.0f} tok/s   "
                     f"cache {r['state_bytes'] / MB:8.2f} MB   decode peak +{_mb(r['decode_peak_rss_bytes'])} MB")
-            if "hf" in modes and str(context) in decode[name].get("hf", {}):
-                a = decode[name]["default"][str(context)].pop("output", None)
-                b = decode[name]["hf"][str(context)].pop("output", None)
-                decode[name].setdefault("same_greedy_output", {})[str(context)] = a == b
-            for mode in modes:
-                decode[name][mode].get(str(context), {}).pop("output", None)
+        del model
+        gc.collect()
+
+
+def run_kernel_share(settings, size, results):
+    """Share of each training step spent in the strata kernels (see harness.kernel_share)."""
+    log(f"\n== kernel share of a training step, batch {settings['train_batch']} x seq {settings['train_seq']}")
+    out = results.setdefault("kernel_share", {})
+    for name in KERNEL_MODELS:
+        model = models.build(name, size)
+        r = harness.kernel_share(model, settings["train_batch"], settings["train_seq"], repeats=settings["repeats"])
+        out[name] = r
+        parts = ", ".join(f"{k} {v['fwd_bwd_s'] * 1e3:.0f} ms ({v['share_of_step']:.0%})"
+                          for k, v in r.items() if isinstance(v, dict))
+        log(f"  {name:12s} step {r['step_s'] * 1e3:7.0f} ms: {parts}")
+        del model
+        gc.collect()
+
+
+def run_blockgen_tiny(settings, results):
+    """Block generation against the HF loop where per-token overhead, not weights, dominates."""
+    prompt = settings["contexts"][0]
+    log(f"\n== block generate vs HF loop, -tiny presets, prompt {prompt}, {settings['tiny_new_tokens']} new tokens")
+    out = results.setdefault("blockgen_tiny", {})
+    for name in TINY_MODELS:
+        model = models.build(name, "tiny").eval()
+        runs = harness.decode_throughput(model, prompt, settings["tiny_new_tokens"], settings["repeats"],
+                                         modes=("default", "hf"), check_equal=True)
+        a, b = runs["default"], runs["hf"]
+        out[name] = {"prompt_len": prompt, "block_tokens_per_s": a["tokens_per_s"], "hf_tokens_per_s": b["tokens_per_s"],
+                     "block_x_hf": a["tokens_per_s"] / b["tokens_per_s"],
+                     "same_greedy_output": a.get("same_greedy_output_across_modes"),
+                     "parameters": models.num_parameters(model)}
+        log(f"  {name:12s} block {a['tokens_per_s']:7.0f} tok/s   HF loop {b['tokens_per_s']:7.0f} tok/s   "
+            f"x{out[name]['block_x_hf']:.2f}")
         del model
         gc.collect()
 
@@ -151,20 +193,16 @@ def _ratio(a, b):
 
 def summarize(results, settings):
     params = results["models"]
-    train, short, decode = results.get("train", {}), results.get("train_short", {}), results.get("decode", {})
+    train, decode = results.get("train", {}), results.get("decode", {})
+    hfm = results.get("train_hf_mamba", {})
     lo, hi = str(settings["hf_contexts"][0]), str(settings["hf_contexts"][-1])
     rows = []
     for name in models.STRATA_FAMILIES:
         ref = "hf-mamba" if name == "mamba" else "llama"
         row = {"model": name, "reference": ref, "parameters": params[name]["parameters"],
                "ref_parameters": params[ref]["parameters"]}
-        if name == "mamba":
-            row["train_x_ref"] = _ratio(_get(short, "mamba", "tokens_per_s"), _get(short, "hf-mamba", "tokens_per_s"))
-            row["train_peak_x_ref"] = _ratio(_get(short, "mamba", "peak_rss_bytes"),
-                                             _get(short, "hf-mamba", "peak_rss_bytes"))
-        else:
-            row["train_x_ref"] = _ratio(_get(train, name, "tokens_per_s"), _get(train, ref, "tokens_per_s"))
-            row["train_peak_x_ref"] = _ratio(_get(train, name, "peak_rss_bytes"), _get(train, ref, "peak_rss_bytes"))
+        row["train_x_ref"] = _ratio(_get(train, name, "tokens_per_s"), _get(train, ref, "tokens_per_s"))
+        row["train_peak_x_ref"] = _ratio(_get(train, name, "peak_rss_bytes"), _get(train, ref, "peak_rss_bytes"))
         row["train_x_llama"] = _ratio(_get(train, name, "tokens_per_s"), _get(train, "llama", "tokens_per_s"))
         row["train_tokens_per_s"] = _get(train, name, "tokens_per_s")
         for ctx in (lo, hi):
@@ -190,7 +228,9 @@ def summarize(results, settings):
 
     by = {r["model"]: r for r in rows}
     target("transformer training tokens/s vs Llama", by["transformer"]["train_x_ref"], 0.9)
-    target("mamba training tokens/s vs HF Mamba (same shape)", by["mamba"]["train_x_ref"], 50)
+    for key, runs in hfm.items():
+        target(f"mamba training tokens/s vs HF Mamba, batch x seq {key}",
+               _ratio(_get(runs, "mamba", "tokens_per_s"), _get(runs, "hf-mamba", "tokens_per_s")), 50)
     target("mamba training tokens/s vs transformer preset",
            _ratio(_get(train, "mamba", "tokens_per_s"), _get(train, "transformer", "tokens_per_s")), 0.5)
     p_m, p_t = params["mamba"]["parameters"], params["transformer"]["parameters"]
@@ -206,6 +246,9 @@ def summarize(results, settings):
         for ctx in (lo, hi):
             target(f"{name}: block generate vs HF generate, greedy tokens/s, prompt {ctx}",
                    by[name][f"block_x_hf_{ctx}"], 2.0)
+    for name, runs in results.get("blockgen_tiny", {}).items():
+        target(f"{name}-tiny: block generate vs HF generate, greedy tokens/s, prompt {runs['prompt_len']}",
+               runs["block_x_hf"], 2.0)
     results["targets"] = targets
 
 
@@ -215,7 +258,7 @@ def _fmt(value, spec=".2f", none="-"):
 
 def print_tables(results, settings):
     params = results["models"]
-    train, short, decode = results.get("train", {}), results.get("train_short", {}), results.get("decode", {})
+    train, decode = results.get("train", {}), results.get("decode", {})
     lo, hi = str(settings["hf_contexts"][0]), str(settings["hf_contexts"][-1])
     lines = []
     add = lines.append
@@ -232,17 +275,21 @@ def print_tables(results, settings):
         add(f"| {name} | {params[name]['parameters'] / 1e6:.2f}M | {r['tokens_per_s']:.0f} | "
             f"{_mb(r['peak_rss_bytes']).strip()} | {_fmt(_ratio(r['tokens_per_s'], ll.get('tokens_per_s')))} | "
             f"{_fmt(_ratio(r['peak_rss_bytes'], ll.get('peak_rss_bytes')))} |")
-    for name in ("hf-mamba", "mamba"):
-        r = short.get(name)
-        if r is not None:
-            add(f"| {name} (seq {r['seq']}) | {params[name]['parameters'] / 1e6:.2f}M | {r['tokens_per_s']:.1f} | "
-                f"{_mb(r['peak_rss_bytes']).strip()} | | |")
+    for key, runs in results.get("train_hf_mamba", {}).items():
+        for name in ("hf-mamba", "mamba"):
+            r = runs.get(name)
+            if r is None or (name in TRAIN_MODELS and r is train.get(name)):
+                continue
+            ll = train.get("llama", {}) if key == f"{settings['train_batch']}x{settings['train_seq']}" else {}
+            add(f"| {name} ({key}) | {params[name]['parameters'] / 1e6:.2f}M | {r['tokens_per_s']:.1f} | "
+                f"{_mb(r['peak_rss_bytes']).strip()} | {_fmt(_ratio(r['tokens_per_s'], ll.get('tokens_per_s')))} | "
+                f"{_fmt(_ratio(r['peak_rss_bytes'], ll.get('peak_rss_bytes')))} |")
 
     add(f"\ndecoding, batch 1, greedy, {settings['new_tokens']} new tokens: tokens/s (ms/token)")
     ctxs = [str(c) for c in settings["contexts"]]
     add("| model | mode | " + " | ".join(f"prompt {c}" for c in ctxs) + " | cache MB (largest prompt) |")
     add("| --- | --- | " + " | ".join("---:" for _ in ctxs) + " | ---: |")
-    for name in DECODE_MODELS + ["hf-mamba"]:
+    for name in DECODE_MODELS:
         for mode, label in (("default", "generate" if name in models.REFERENCES else "block generate"),
                             ("hf", "HF _sample loop")):
             runs = _get(decode, name, mode)
@@ -266,6 +313,27 @@ def print_tables(results, settings):
             f"{_fmt(row[f'state_x_ref_{hi}'], '.3f')} | {_fmt(row[f'decode_peak_x_ref_{hi}'])} | "
             f"{_fmt(row[f'block_x_hf_{lo}'])} | {_fmt(row[f'block_x_hf_{hi}'])} | {_fmt(row['latency_hi_over_lo'])} |")
 
+    shares = results.get("kernel_share", {})
+    if shares:
+        add(f"\nkernel share of a training step (batch {settings['train_batch']} x seq {settings['train_seq']}): "
+            "each kernel's calls replayed alone, forward + backward")
+        add("| preset | step ms | kernel | calls | fwd+bwd ms | share |")
+        add("| --- | ---: | --- | ---: | ---: | ---: |")
+        for name, r in shares.items():
+            for k, v in r.items():
+                if isinstance(v, dict):
+                    add(f"| {name} | {r['step_s'] * 1e3:.0f} | {k} | {v['calls_per_step']} | "
+                        f"{v['fwd_bwd_s'] * 1e3:.0f} | {v['share_of_step']:.0%} |")
+
+    tiny = results.get("blockgen_tiny", {})
+    if tiny:
+        add("\nblock generate vs the HF loop on the -tiny presets (hidden 64, 2 layers: overhead-bound), "
+            "tokens/s")
+        add("| preset | block generate | HF _sample loop | ratio |")
+        add("| --- | ---: | ---: | ---: |")
+        for name, r in tiny.items():
+            add(f"| {name}-tiny | {r['block_tokens_per_s']:.0f} | {r['hf_tokens_per_s']:.0f} | {r['block_x_hf']:.2f} |")
+
     add("\ntargets")
     add("| target | measured | threshold | met |")
     add("| --- | ---: | --- | --- |")
@@ -285,7 +353,7 @@ def plot(results, settings, path: Path):
 
     decode = results.get("decode", {})
     fig, axes = plt.subplots(1, 3, figsize=(16, 4.8))
-    for name in DECODE_MODELS + ["hf-mamba"]:
+    for name in DECODE_MODELS:
         runs = _get(decode, name, "default")
         if not runs:
             continue
@@ -320,7 +388,11 @@ def main(argv=None):
     parser.add_argument("--quick", action="store_true", help="smaller shapes, fewer repeats (~3 min)")
     parser.add_argument("--tiny", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--size", default="small", choices=["tiny", "small", "base"], help="preset size")
-    parser.add_argument("--sections", default="train,decode", help="comma list of: train, decode")
+    parser.add_argument("--sections", default="train,decode,tiny,kernels",
+                        help="comma list of: train, decode, tiny (block generation on the -tiny presets), "
+                             "kernels (kernel share of a training step)")
+    parser.add_argument("--models", default=None,
+                        help="comma list restricting the models timed (default: all), e.g. transformer,llama")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--json", type=Path, default=None,
                         help="results file (default docs/benchmarks.json; --quick: bench/results/quick.json)")
@@ -370,10 +442,21 @@ def main(argv=None):
             f"{d['num_hidden_layers']} layers")
 
     sections = {s.strip() for s in args.sections.split(",") if s.strip()}
+    if args.models:
+        keep = {m.strip() for m in args.models.split(",")}
+        TRAIN_MODELS[:] = [m for m in TRAIN_MODELS if m in keep]
+        DECODE_MODELS[:] = [m for m in DECODE_MODELS if m in keep]
+        HF_MAMBA[:] = [m for m in HF_MAMBA if m in keep]
+        TINY_MODELS[:] = [m for m in TINY_MODELS if m in keep]
+        KERNEL_MODELS[:] = [m for m in KERNEL_MODELS if m in keep]
     if "train" in sections:
         run_training(settings, args.size, results)
     if "decode" in sections:
         run_decoding(settings, args.size, results)
+    if "tiny" in sections:
+        run_blockgen_tiny(settings, results)
+    if "kernels" in sections:
+        run_kernel_share(settings, args.size, results)
 
     results["meta"]["load_end"] = list(harness.load_average())
     results["meta"]["uptime_end"] = harness.uptime_line()
