@@ -302,6 +302,57 @@ def decode_throughput(model, prompt_len: int, new_tokens: int, repeats: int, mod
     return results
 
 
+@torch.no_grad()
+def decode_breakdown(model, prompt_len: int, new_tokens: int, repeats: int, seed: int = 0) -> dict:
+    """Where a decoded token's time goes (batch 1, after a ``prompt_len`` prompt).
+
+    - ``linears_ms``: every distinct nn.Linear weight applied once to one token, in
+      sequence: the cost of streaming the weights (no other op, no Python model code);
+    - ``forward_ms``: a plain loop of one-token cached forwards (``model(...)``), the
+      floor shared by every decoding loop;
+    - ``block_ms`` / ``hf_ms``: per token in block ``generate`` and in the Transformers
+      loop (``decode_throughput``); their excess over ``forward_ms`` is the loop's own cost.
+    """
+    model.eval()
+    gen = torch.Generator().manual_seed(seed)
+    ids = torch.randint(3, model.config.vocab_size, (1, prompt_len), generator=gen)
+    linears = list({id(m.weight): m for m in model.modules() if isinstance(m, torch.nn.Linear)}.values())
+    inputs = [torch.randn(1, 1, m.in_features, generator=gen) for m in linears]
+
+    def run_linears():
+        for m, x in zip(linears, inputs):
+            m(x)
+
+    linears_s, _ = median_time(run_linears, max(5, repeats * 5), warmup=2)
+    cache, _ = prefill(model, ids[:, :-1])
+    tok = ids[:, -1:]
+
+    def run_forwards():
+        work = copy.deepcopy(cache)
+        nxt = tok
+        for _ in range(new_tokens):
+            out = model(input_ids=nxt, past_key_values=work, use_cache=True, logits_to_keep=1)
+            nxt = out.logits[:, -1].argmax(-1, keepdim=True)
+
+    forward_s, _ = median_time(run_forwards, repeats, warmup=1)
+    del cache
+    loops = decode_throughput(model, prompt_len, new_tokens, repeats, modes=("default", "hf"))
+    r = {
+        "prompt_len": prompt_len,
+        "new_tokens": new_tokens,
+        "linear_weights_mb": sum(m.weight.numel() * m.weight.element_size() for m in linears) / 2**20,
+        "linears_ms": linears_s * 1e3,
+        "forward_ms": forward_s / new_tokens * 1e3,
+        "block_ms": loops["default"]["ms_per_token"],
+        "hf_ms": loops["hf"]["ms_per_token"],
+    }
+    r["block_loop_overhead_ms"] = r["block_ms"] - r["forward_ms"]
+    r["hf_loop_overhead_ms"] = r["hf_ms"] - r["forward_ms"]
+    r["block_x_hf"] = r["hf_ms"] / r["block_ms"]
+    r["block_x_hf_bound"] = r["hf_ms"] / r["forward_ms"]  # if the block loop cost nothing beyond the forward
+    return r
+
+
 @contextlib.contextmanager
 def threads(n: int):
     old = torch.get_num_threads()

@@ -29,6 +29,9 @@ VOCAB_SIZE = 8000
 
 
 def strata_config(family: str, size: str = "small", vocab_size: int = VOCAB_SIZE, **overrides):
+    # max_position_embeddings only bounds generate's length check (rotary tables are computed
+    # per position), raised so that a 16k prompt plus new tokens does not warn.
+    overrides.setdefault("max_position_embeddings", 32768)
     return strata.RetMambaConfig.from_preset(f"{family}-{size}", vocab_size=vocab_size, **overrides)
 
 
@@ -41,7 +44,7 @@ def llama_config(size: str = "small", vocab_size: int = VOCAB_SIZE):
         num_hidden_layers=ref.num_hidden_layers,
         num_attention_heads=ref.num_attention_heads,
         num_key_value_heads=ref.num_key_value_heads,
-        max_position_embeddings=max(ref.max_position_embeddings, 32768),
+        max_position_embeddings=ref.max_position_embeddings,
         rms_norm_eps=ref.rms_norm_eps,
         rope_theta=ref.rope_theta,
         tie_word_embeddings=True,

@@ -61,7 +61,7 @@ TINY = dict(  # smoke test of the harness (tests/test_bench_smoke.py)
 DECODE_MODELS = ["transformer", "retnet", "mamba", "hybrid", "fusion", "llama", "hf-mamba"]
 TRAIN_MODELS = ["transformer", "retnet", "mamba", "hybrid", "fusion", "llama"]
 HF_MAMBA = ["hf-mamba", "mamba"]  # the HF Mamba training comparison
-TINY_MODELS = list(models.STRATA_FAMILIES)  # block generation on the -tiny presets
+TINY_MODELS = list(models.STRATA_FAMILIES)  # decode-time breakdown, -small and -tiny
 KERNEL_MODELS = ["retnet", "mamba", "fusion"]  # kernel share of the training step
 
 
@@ -152,24 +152,23 @@ def run_kernel_share(settings, size, results):
         gc.collect()
 
 
-def run_blockgen_tiny(settings, results):
-    """Block generation against the HF loop where per-token overhead, not weights, dominates."""
+def run_breakdown(settings, size, results):
+    """Per-token decode time split into weights, model forward and loop (harness.decode_breakdown)."""
     prompt = settings["contexts"][0]
-    log(f"\n== block generate vs HF loop, -tiny presets, prompt {prompt}, {settings['tiny_new_tokens']} new tokens")
-    out = results.setdefault("blockgen_tiny", {})
-    for name in TINY_MODELS:
-        model = models.build(name, "tiny").eval()
-        runs = harness.decode_throughput(model, prompt, settings["tiny_new_tokens"], settings["repeats"],
-                                         modes=("default", "hf"), check_equal=True)
-        a, b = runs["default"], runs["hf"]
-        out[name] = {"prompt_len": prompt, "block_tokens_per_s": a["tokens_per_s"], "hf_tokens_per_s": b["tokens_per_s"],
-                     "block_x_hf": a["tokens_per_s"] / b["tokens_per_s"],
-                     "same_greedy_output": a.get("same_greedy_output_across_modes"),
-                     "parameters": models.num_parameters(model)}
-        log(f"  {name:12s} block {a['tokens_per_s']:7.0f} tok/s   HF loop {b['tokens_per_s']:7.0f} tok/s   "
-            f"x{out[name]['block_x_hf']:.2f}")
-        del model
-        gc.collect()
+    sizes = [size] + (["tiny"] if size != "tiny" else [])
+    log(f"\n== where a decoded token's time goes: prompt {prompt}, {settings['tiny_new_tokens']} new tokens")
+    out = results.setdefault("breakdown", {})
+    for sz in sizes:
+        for name in TINY_MODELS:
+            model = models.build(name, sz).eval()
+            r = harness.decode_breakdown(model, prompt, settings["tiny_new_tokens"], settings["repeats"])
+            r["parameters"] = models.num_parameters(model)
+            out[f"{name}-{sz}"] = r
+            log(f"  {name + '-' + sz:18s} linears {r['linears_ms']:6.3f} ms ({r['linear_weights_mb']:5.1f} MB)   "
+                f"forward {r['forward_ms']:6.3f}   block {r['block_ms']:6.3f}   HF loop {r['hf_ms']:6.3f} ms/token   "
+                f"block x{r['block_x_hf']:.2f} (bound x{r['block_x_hf_bound']:.2f})")
+            del model
+            gc.collect()
 
 
 # ----------------------------------------------------------------------------- summary
@@ -246,9 +245,10 @@ def summarize(results, settings):
         for ctx in (lo, hi):
             target(f"{name}: block generate vs HF generate, greedy tokens/s, prompt {ctx}",
                    by[name][f"block_x_hf_{ctx}"], 2.0)
-    for name, runs in results.get("blockgen_tiny", {}).items():
-        target(f"{name}-tiny: block generate vs HF generate, greedy tokens/s, prompt {runs['prompt_len']}",
-               runs["block_x_hf"], 2.0)
+    for name, runs in results.get("breakdown", {}).items():
+        if name.endswith("-tiny"):
+            target(f"{name}: block generate vs HF generate, greedy tokens/s, prompt {runs['prompt_len']}",
+                   runs["block_x_hf"], 2.0)
     results["targets"] = targets
 
 
@@ -325,14 +325,17 @@ def print_tables(results, settings):
                     add(f"| {name} | {r['step_s'] * 1e3:.0f} | {k} | {v['calls_per_step']} | "
                         f"{v['fwd_bwd_s'] * 1e3:.0f} | {v['share_of_step']:.0%} |")
 
-    tiny = results.get("blockgen_tiny", {})
-    if tiny:
-        add("\nblock generate vs the HF loop on the -tiny presets (hidden 64, 2 layers: overhead-bound), "
-            "tokens/s")
-        add("| preset | block generate | HF _sample loop | ratio |")
-        add("| --- | ---: | ---: | ---: |")
-        for name, r in tiny.items():
-            add(f"| {name}-tiny | {r['block_tokens_per_s']:.0f} | {r['hf_tokens_per_s']:.0f} | {r['block_x_hf']:.2f} |")
+    brk = results.get("breakdown", {})
+    if brk:
+        add("\nwhere a decoded token's time goes (ms/token, batch 1, prompt "
+            f"{next(iter(brk.values()))['prompt_len']}): linears = every weight applied once (weight streaming); "
+            "forward = plain loop of one-token forwards; bound = HF loop / forward")
+        add("| preset | params | weights MB | linears | forward | block generate | HF loop | block x HF | bound |")
+        add("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
+        for name, r in brk.items():
+            add(f"| {name} | {r['parameters'] / 1e6:.2f}M | {r['linear_weights_mb']:.1f} | {r['linears_ms']:.3f} | "
+                f"{r['forward_ms']:.3f} | {r['block_ms']:.3f} | {r['hf_ms']:.3f} | {r['block_x_hf']:.2f} | "
+                f"{r['block_x_hf_bound']:.2f} |")
 
     add("\ntargets")
     add("| target | measured | threshold | met |")
@@ -388,9 +391,9 @@ def main(argv=None):
     parser.add_argument("--quick", action="store_true", help="smaller shapes, fewer repeats (~3 min)")
     parser.add_argument("--tiny", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--size", default="small", choices=["tiny", "small", "base"], help="preset size")
-    parser.add_argument("--sections", default="train,decode,tiny,kernels",
-                        help="comma list of: train, decode, tiny (block generation on the -tiny presets), "
-                             "kernels (kernel share of a training step)")
+    parser.add_argument("--sections", default="train,decode,breakdown,kernels",
+                        help="comma list of: train, decode, breakdown (where a decoded token's time goes, "
+                             "also on the -tiny presets), kernels (kernel share of a training step)")
     parser.add_argument("--models", default=None,
                         help="comma list restricting the models timed (default: all), e.g. transformer,llama")
     parser.add_argument("--threads", type=int, default=2)
@@ -463,8 +466,8 @@ def _run(args, settings, json_path, png_path, argv):
         run_training(settings, args.size, results)
     if "decode" in sections:
         run_decoding(settings, args.size, results)
-    if "tiny" in sections:
-        run_blockgen_tiny(settings, results)
+    if "breakdown" in sections:
+        run_breakdown(settings, args.size, results)
     if "kernels" in sections:
         run_kernel_share(settings, args.size, results)
 
