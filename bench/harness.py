@@ -219,13 +219,15 @@ def prefill(model, ids) -> tuple[object, float]:
 
 
 def decode_throughput(model, prompt_len: int, new_tokens: int, repeats: int, modes=("default",),
-                      seed: int = 0, check_equal: bool = False) -> dict:
+                      seed: int = 0, check_equal: bool = False, warm_prefill: bool = True) -> dict:
     """Per-token decoding latency after a ``prompt_len``-token prompt (batch 1, greedy).
 
     modes: ``"default"`` = the model's own ``generate`` (strata: block generation);
     ``"hf"`` = ``generate(custom_generate=GenerationMixin._sample)``, the plain
     Transformers decoding loop on the same model. Several modes are timed interleaved
-    (A B A B ...) on copies of one pre-filled cache. Returns {mode: result}.
+    (A B A B ...) on copies of one pre-filled cache. ``warm_prefill=False`` skips the
+    untimed first prefill (when a shorter prompt already warmed the model up).
+    Returns {mode: result}.
     """
     model.eval()
     gen = torch.Generator().manual_seed(seed)
@@ -234,9 +236,10 @@ def decode_throughput(model, prompt_len: int, new_tokens: int, repeats: int, mod
     times = {mode: [] for mode in modes}
     mem_deltas = {mode: [] for mode in modes}
     if _supports_prefilled_cache(model):
-        cache, _ = prefill(model, ids[:, :-1])  # warm-up of the prefill path
-        del cache
-        gc.collect()
+        if warm_prefill:
+            cache, _ = prefill(model, ids[:, :-1])  # warm-up of the prefill path
+            del cache
+            gc.collect()
         with PeakRSS() as mem_prefill:
             cache, prefill_s = prefill(model, ids[:, :-1])
         common = {

@@ -127,7 +127,7 @@ def run_decoding(settings, size, results):
             if name in models.STRATA_FAMILIES and context in settings["hf_contexts"]:
                 modes.append("hf")
             runs = harness.decode_throughput(model, context, settings["new_tokens"], settings["repeats"],
-                                             modes=modes, check_equal=True)
+                                             modes=modes, check_equal=True, warm_prefill=context <= 4096)
             for mode, r in runs.items():
                 decode.setdefault(name, {}).setdefault(mode, {})[str(context)] = r
                 log(f"  {name:12s} {mode:7s} prompt {context:6d}: {r['ms_per_token']:7.2f} ms/token "
@@ -366,15 +366,20 @@ def plot(results, settings, path: Path):
         axes[1].plot(ctx, [runs[str(c)]["prefill_tokens_per_s"] for c in ctx], **style)
         axes[2].plot(ctx, [runs[str(c)]["state_bytes"] / MB for c in ctx], **style)
     titles = ("greedy decoding (batch 1): tokens/s", "prefill: tokens/s", "cache size after the prompt: MB")
+    ticks = [int(c) for c in settings["contexts"]]
     for ax, title in zip(axes, titles):
         ax.set_xscale("log", base=2)
+        ax.set_xticks(ticks, [f"{c // 1024}k" if c >= 1024 else str(c) for c in ticks])
+        ax.minorticks_off()
         ax.set_xlabel("context (prompt) length, tokens")
         ax.set_title(title)
         ax.grid(True, which="both", alpha=0.3)
     axes[2].set_yscale("log")
     axes[0].legend()
     meta = results["meta"]
-    fig.suptitle(f"strata -small presets vs Llama / HF Mamba (hidden 256, 6 layers), {meta['threads']} CPU threads, "
+    ref = results["models"]["transformer"]
+    fig.suptitle(f"strata -{meta['size']} presets vs Llama / HF Mamba (hidden {ref['hidden_size']}, "
+                 f"{ref['num_hidden_layers']} layers, batch 1, fp32), {meta['threads']} CPU threads, "
                  f"load {meta['load_start'][0]} -> {meta.get('load_end', ['?'])[0]}")
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
