@@ -43,7 +43,10 @@ from strata.tokenization import load_default_tokenizer, split_words  # noqa: E40
 from strata.tokenization.tokenization_charword import _jieba  # noqa: E402
 
 DATA = ROOT / "strata" / "data"
-CORPORA = {"english (tinyshakespeare)": ["tinyshakespeare.txt"], "chinese (tang_poems + lunyu)": ["tang_poems.txt", "lunyu.txt"]}
+CORPORA = {
+    "english (tinyshakespeare)": ["tinyshakespeare.txt"],
+    "chinese (tang_poems + lunyu)": ["tang_poems.txt", "lunyu.txt"],
+}
 
 
 def best_rate(fn, n_bytes: int, repeats: int) -> tuple[float, float]:
@@ -100,7 +103,7 @@ def main(argv=None):
     texts = {name: "".join((DATA / f).read_text(encoding="utf-8") for f in files) for name, files in CORPORA.items()}
     tok = load_default_tokenizer()
     segmenter = _jieba()
-    split_words("预热")  # load jieba's dictionary and build the word patterns before timing
+    split_words("预热，naïve")  # load jieba's dictionary, build the word patterns before timing
     start = time.perf_counter()
     with tempfile.TemporaryDirectory() as tmp:
         gpt2 = gpt2_tokenizer(list(texts.values()), Path(tmp))

@@ -537,6 +537,13 @@ def test_train_streams_and_respects_limits():
     assert tok.get_word_vocab()["aaa"] == 5 and "bbb" not in tok.get_word_vocab()
 
 
+def test_train_characters_only():
+    tok = CharWordTokenizer.train(["Julia 语言", "Julia"], vocab_size=300, word_vocab_size=4)
+    assert tok.get_word_vocab() == {t: i for i, t in enumerate(SPECIAL_TOKENS)}
+    assert len(tok) == 260 + len(set("Julia 语言"))
+    assert tok("Julia", return_word_ids=True)["word_token_ids"] == [3] * 5
+
+
 def test_default_tokenizer_files(default_tok):
     folder = Path(DEFAULT_TOKENIZER_PATH)
     assert sum(f.stat().st_size for f in folder.iterdir()) < 2_000_000
@@ -630,7 +637,8 @@ def test_build_default_vocab_script(tmp_path):
 
     data = tmp_path / "data"
     data.mkdir()
-    for name, text in zip(CORPORA, ["To be, or not to be.\n" * 3, "床前明月光\n" * 2, "子曰：学而时习之\n" * 2]):
+    texts = ["To be, or not to be.\n" * 3, "床前明月光\n" * 2, "子曰：学而时习之\n" * 2]
+    for name, text in zip(CORPORA, texts):
         (data / name).write_text(text, encoding="utf-8")
     build_default(tmp_path / "a", data)
     build_default(tmp_path / "b", data)
@@ -642,3 +650,11 @@ def test_build_default_vocab_script(tmp_path):
     tok = CharWordTokenizer.from_pretrained(tmp_path / "a")
     assert tok("To be")["input_ids"] == [tok.convert_tokens_to_ids(c) for c in "To be"]
     assert tok.get_word_vocab()["明月光"] > 3
+
+
+@PROPERTY
+@given(st.lists(st.text(st.sampled_from("我爱北京天安门语言 Julia's,，。\n😀é")), max_size=5))
+def test_split_words_batch_equals_one_by_one(texts):
+    from strata.tokenization.tokenization_charword import split_words_batch
+
+    assert split_words_batch(texts) == [split_words(t) for t in texts]

@@ -31,7 +31,9 @@ def corpus_texts(data_dir: Path = DATA_DIR):
         yield (data_dir / name).read_text(encoding="utf-8")
 
 
-def build_default(out_dir: str | os.PathLike = DEFAULT_DIR, data_dir: str | os.PathLike = DATA_DIR) -> CharWordTokenizer:
+def build_default(
+    out_dir: str | os.PathLike = DEFAULT_DIR, data_dir: str | os.PathLike = DATA_DIR
+) -> CharWordTokenizer:
     """Train on the corpora of `data_dir` and write the tokenizer folder `out_dir`."""
     tokenizer = CharWordTokenizer.train(
         corpus_texts(Path(data_dir)),

@@ -186,31 +186,46 @@ def split_words(text: str) -> list[str]:
     - a run of whitespace is one unit ("\\r\\n\\t  ");
     - every other character (punctuation, symbols, emoji, "_", controls) is a unit alone.
     """
-    if text.isascii():
-        return _ASCII_UNITS.findall(text)
-    parts = _HAN_RUN.split(text)
-    if len(parts) == 1:
-        return _units_of(text)
-    words = _cut_han_runs(parts[1::2])
-    find = words.index
-    last = len(parts) - 2  # parts alternate: other text, Han run, ..., other text
-    units, start = [], 0
+    return split_words_batch([text])[0]
+
+
+def split_words_batch(texts: list[str]) -> list[list[str]]:
+    """`split_words` of each text, with one jieba call for the Han runs of all of them."""
+    layouts, runs = [], []
+    for text in texts:
+        parts = None if text.isascii() else _HAN_RUN.split(text)
+        layouts.append(parts)
+        if parts is not None and len(parts) > 1:
+            runs += parts[1::2]
+    words = _cut_han_runs(runs) if runs else []
+    find, start, runs_left = words.index, 0, len(runs)
     cache = _SHORT_UNITS
-    for i, part in enumerate(parts):
-        if i % 2:
-            end = find("\n", start) if i < last else len(words)
-            units += words[start:end]
-            start = end + 1
-        elif part:
-            got = cache.get(part)
-            if got is None:
-                got = _units_of(part)
-                if len(part) <= 16:
-                    if len(cache) >= 4096:
-                        cache.clear()
-                    cache[part] = got
-            units += got
-    return units
+    result = []
+    for text, parts in zip(texts, layouts):
+        if parts is None:
+            result.append(_ASCII_UNITS.findall(text))
+            continue
+        if len(parts) == 1:
+            result.append(_units_of(text))
+            continue
+        units = []
+        for i, part in enumerate(parts):  # other text, Han run, other text, ..., other text
+            if i % 2:
+                runs_left -= 1
+                end = find("\n", start) if runs_left else len(words)
+                units += words[start:end]
+                start = end + 1
+            elif part:
+                got = cache.get(part)
+                if got is None:
+                    got = _units_of(part)
+                    if len(part) <= 16:
+                        if len(cache) >= 4096:
+                            cache.clear()
+                        cache[part] = got
+                units += got
+        result.append(units)
+    return result
 
 
 # ---------------------------------------------------------------------------------
@@ -511,9 +526,8 @@ class CharWordTokenizer(PreTrainedTokenizer):
             piece_of_char = np.repeat(np.arange(len(pieces)), char_lens)
         if words:
             units, units_per_piece = [], []
-            for piece in pieces:
-                piece_units = split_words(piece)
-                units.extend(piece_units)
+            for piece_units in split_words_batch(pieces):
+                units += piece_units
                 units_per_piece.append(len(piece_units))
             unit_lens = np.fromiter(map(len, units), dtype=np.int64, count=len(units))
             if unit_lens.sum() != len(joined):
@@ -1139,11 +1153,13 @@ class CharWordTokenizer(PreTrainedTokenizer):
         if not isinstance(texts, Iterable):
             raise TypeError(f"texts must be an iterable of strings, got {type(texts).__name__}")
         chars, words = Counter(), Counter()
+        count_words = word_vocab_size > len(SPECIAL_TOKENS)  # else no word is kept: skip the cutting
         for k, text in enumerate(texts):
             if not isinstance(text, str):
                 raise TypeError(f"texts must yield str, item {k} is {type(text).__name__}")
             chars.update(text)
-            words.update(split_words(text))
+            if count_words:
+                words.update(split_words(text))
         vocab = {token: i for i, token in enumerate(SPECIAL_TOKENS + BYTE_TOKENS)}
         ranked = sorted(
             (c for c, n in chars.items() if n >= min_frequency and not 0xD800 <= ord(c) <= 0xDFFF),
