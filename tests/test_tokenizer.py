@@ -451,30 +451,25 @@ def test_remote_code_without_strata(tmp_path, default_tok):
 
 
 def test_autotokenizer_through_a_config_class(tmp_path, default_tok):
-    """register_tokenizer(ConfigClass): a model folder (config.json) finds the tokenizer."""
-    default_tok.save_pretrained(tmp_path / "model")
-    (tmp_path / "model" / "tokenizer_config.json").write_text(
-        json.dumps({k: v for k, v in json.loads((tmp_path / "model" / "tokenizer_config.json").read_text()).items()
-                    if k not in ("auto_map", "tokenizer_class")})
-    )
-    result = _run_python(
-        f"""
-        import json
-        from transformers import AutoConfig, AutoTokenizer, PretrainedConfig
-        from strata.tokenization import CharWordTokenizer, register_tokenizer
+    """register_tokenizer(ConfigClass): a model folder (config.json) finds the tokenizer
+    through its config, even when tokenizer_config.json names no class."""
+    from transformers import AutoConfig, AutoTokenizer, PretrainedConfig
 
-        class ToyConfig(PretrainedConfig):
-            model_type = "strata-toy-charword"
+    class ToyCharWordConfig(PretrainedConfig):
+        model_type = "strata-toy-charword"
 
-        AutoConfig.register("strata-toy-charword", ToyConfig)
-        register_tokenizer(ToyConfig)
-        ToyConfig().save_pretrained({str(tmp_path / "model")!r})
-        tok = AutoTokenizer.from_pretrained({str(tmp_path / "model")!r})
-        print(json.dumps({{"cls": type(tok).__name__, "ids": tok("Julia 语言")["input_ids"]}}))
-        """,
-        tmp_path,
-    )
-    assert result == {"cls": "CharWordTokenizer", "ids": default_tok("Julia 语言")["input_ids"]}
+    AutoConfig.register("strata-toy-charword", ToyCharWordConfig, exist_ok=True)
+    register_tokenizer(ToyCharWordConfig)
+    folder = tmp_path / "model"
+    default_tok.save_pretrained(folder)
+    config_path = folder / "tokenizer_config.json"
+    config = json.loads(config_path.read_text())
+    config.pop("auto_map"), config.pop("tokenizer_class")
+    config_path.write_text(json.dumps(config))
+    ToyCharWordConfig().save_pretrained(folder)
+    loaded = AutoTokenizer.from_pretrained(folder)
+    assert type(loaded) is CharWordTokenizer
+    assert loaded("Julia 语言", return_word_ids=True) == default_tok("Julia 语言", return_word_ids=True)
 
 
 def test_pickle_round_trip(default_tok):
