@@ -6,10 +6,16 @@
 
 from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
 
+from strata.configuration.configuration_hmtr import HMTRConfig
 from strata.configuration.configuration_retmamba import RetMambaConfig
 from strata.configuration.configuration_thl import THLConfig
 from strata.modeling.cache_recurrent import RecurrentCache
 from strata.modeling.generation_blocks import BlockGenerationMixin
+from strata.modeling.modeling_hmtr import (
+    LORA_TARGET_MODULES as HMTR_LORA_TARGET_MODULES,
+    HMTRForCausalLM,
+    HMTRModel,
+)
 from strata.modeling.modeling_retmamba import (
     LORA_TARGET_MODULES as RETMAMBA_LORA_TARGET_MODULES,
     RetMambaForCausalLM,
@@ -28,6 +34,7 @@ __version__ = "0.1.0"
 ARCHITECTURES = {
     RetMambaConfig.model_type: (RetMambaConfig, RetMambaModel, RetMambaForCausalLM, RETMAMBA_LORA_TARGET_MODULES),
     THLConfig.model_type: (THLConfig, THLModel, THLForCausalLM, THL_LORA_TARGET_MODULES),
+    HMTRConfig.model_type: (HMTRConfig, HMTRModel, HMTRForCausalLM, HMTR_LORA_TARGET_MODULES),
 }
 
 
@@ -50,6 +57,9 @@ __all__ = [
     "ARCHITECTURES",
     "BlockGenerationMixin",
     "CharWordTokenizer",
+    "HMTRConfig",
+    "HMTRForCausalLM",
+    "HMTRModel",
     "RecurrentCache",
     "RetMambaConfig",
     "RetMambaForCausalLM",

@@ -16,10 +16,12 @@ CASES = [
     ("retmamba", "fusion-selective-tiny"),
     ("thl", "tiny"),
     ("thl", "tiny-stale"),
+    ("hmtr", "tiny"),
+    ("hmtr", "tiny-lstm"),
 ]
 
 # One representative per architecture for the slower checks.
-MAIN_CASES = [("retmamba", "tiny"), ("thl", "tiny")]
+MAIN_CASES = [("retmamba", "tiny"), ("thl", "tiny"), ("hmtr", "tiny")]
 
 
 def case_id(case) -> str:
