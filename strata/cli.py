@@ -158,6 +158,12 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--hub-model-id", "--hub_model_id", dest="hub_model_id", default=None,
                        help="Hub repo id, e.g. your-name/my-model (default: the output folder's name)")
     train.add_argument("--private", action="store_true", default=None, help="create the Hub repo as private")
+    train.add_argument("--stage", type=int, choices=(1, 2, 3), default=None,
+                       help="--arch hmtr only: curriculum stage (1 autoencoder, 2 latent prediction, 3 joint "
+                            "fine-tune); see `python -m strata.training.hmtr_train --help`")
+    train.add_argument("--init-from", "--init_from", dest="init_from", default=None,
+                       help="with --stage 2 or 3: the previous stage's output folder")
+    train.add_argument("--resume", action="store_true", help="with --stage: continue from the last checkpoint")
     train.set_defaults(func=_cmd_train)
 
     # ---------------------------------------------------------------- generate
@@ -218,6 +224,18 @@ def build_parser() -> argparse.ArgumentParser:
 def _cmd_train(args) -> int:
     from strata.training.train import train_model
 
+    if args.stage is not None or args.arch == "hmtr":  # H-M-T-R trains in stages (strata.training.hmtr_train)
+        from strata.training.hmtr_train import run_from_args
+
+        if args.arch != "hmtr":
+            raise ValueError(f"--stage applies to --arch hmtr only, got --arch {args.arch}")
+        args.stage = args.stage or 1
+        args.output_dir = args.output_dir or os.path.join("outputs", f"hmtr-stage{args.stage}")
+        args.preset = "small" if args.preset == "fusion-small" else args.preset  # the retmamba default
+        args.lr = None if args.lr == 3e-3 else args.lr  # default: the stage's learning rate
+        args.eval_max_windows = args.eval_max_blocks
+        run_from_args(args)
+        return 0
     output_dir = args.output_dir or os.path.join("outputs", f"{args.arch}-{args.preset}")
     result = train_model(
         arch=args.arch, preset=args.preset, corpus=args.corpus, output_dir=output_dir, max_steps=args.max_steps,

@@ -112,6 +112,28 @@ def _describe_thl(config) -> str:
     ])
 
 
+def _describe_hmtr(config) -> str:
+    K = config.block_size
+    capsule = ("a Gaussian (variational) capsule; the language model uses its mean"
+               if config.capsule == "variational" else "a deterministic capsule")
+    head = ("an energy-score head (evaluated with noise 0, so the model stays a deterministic LM)"
+            if config.loss == "energy" else "a linear head trained with MSE and cosine")
+    return "\n".join([
+        f"- block size K = {K}: one capsule, one reasoner step and one encoder pass per {K} tokens.",
+        f"- encoder: {config.encoder_layers} Mamba blocks (state {config.state_size}); the output at the last "
+        f"position of every block, through the capsule head, is {capsule} of width {config.hidden_size}.",
+        f"- reasoner: {config.reasoner_layers} Transformer blocks ({config.num_attention_heads} heads) over the "
+        f"capsules, after a learned start capsule; {head} predicts the next capsule.",
+        f"- decoder: {config.decoder_layers} {config.decoder_cell.upper()} layer(s) of width "
+        f"{config.decoder_hidden_size}, started from the predicted capsule; it reads the tokens of the block and "
+        "predicts each next one.",
+        "",
+        "The logits at every position are the decoder's distribution given the predicted capsule of the "
+        "current block and the earlier tokens of that block, so the model is an exact autoregressive LM: "
+        "its perplexity and bits per character compare directly with any other LM's.",
+    ])
+
+
 ARCHITECTURE_CARDS: dict[str, ArchitectureCard] = {
     "retmamba": ArchitectureCard(
         title="RetMamba (RetNet x Mamba fusion)",
@@ -152,6 +174,25 @@ ARCHITECTURE_CARDS: dict[str, ArchitectureCard] = {
             "step by step and is slower per token than attention or chunked-scan models of the same size.",
             "The top-k reads and the novelty decisions are discrete: gradients flow through the values "
             "read and the slots written, not through the choice of slots.",
+        ),
+    ),
+    "hmtr": ArchitectureCard(
+        title="H-M-T-R (hierarchical Mamba-Transformer-RNN)",
+        tags=("mamba", "hierarchical", "latent-reasoning", "gru"),
+        summary=(
+            "H-M-T-R splits language modelling into compressing, planning and speaking. A causal Mamba "
+            "encoder reads the tokens and, at the end of every block of K tokens, emits a capsule: one "
+            "vector summarising the text so far. A GPT-style Transformer reasoner runs over the capsules, "
+            "K times fewer positions than tokens, and predicts the capsule of the next block. A small "
+            "recurrent decoder unfolds that prediction into the K tokens of the block. Generation runs the "
+            "encoder and the reasoner once per block and only the small decoder for every token; the "
+            "reasoner's key/value cache holds one entry per block instead of one per token."
+        ),
+        describe=_describe_hmtr,
+        limits=(
+            "Inside a block the next token depends on the earlier tokens of the block only through the small "
+            "recurrent decoder and the predicted capsule; the training curriculum (autoencoder, latent "
+            "prediction, joint fine-tune) matters for quality.",
         ),
     ),
 }
