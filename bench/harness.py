@@ -1,7 +1,9 @@
 """Measurement primitives of the benchmarks: timing, memory, training and decoding loops.
 
 Conventions
-- Every timing is the median of ``repeats`` runs after ``warmup`` untimed runs.
+- Models compared with each other are timed round-robin (A B C A B C ...), each after
+  untimed warm-up runs, and every figure is the median over its repeats: on a shared
+  machine a burst of load then hits all of them alike instead of one.
 - Training step = forward with labels + backward + AdamW step (+ zero_grad).
 - Decoding throughput is measured on a pre-filled cache: the prompt minus its last
   token goes through one forward (timed separately as prefill), then ``generate`` is
@@ -9,7 +11,8 @@ Conventions
   (``new_tokens`` one-token forwards and as many greedy picks); the time divided by
   ``new_tokens`` is the per-token latency. Models whose ``generate`` does not accept a
   pre-filled cache (HF Mamba takes ``cache_params``) are timed by difference:
-  ``(t(generate N + 1) - t(generate 1)) / N``.
+  ``(t(generate N + 1) - t(generate 1)) / N``. EOS is disabled so that exactly N tokens
+  come out.
 - Memory: ``state_bytes`` is the sum of the sizes of the cache tensors; ``peak_rss`` is
   the peak resident set size reached during a region minus the resident size at its
   start (Linux: VmHWM is reset through /proc/self/clear_refs; freed heap memory is
@@ -150,35 +153,74 @@ def median_time(fn, repeats: int, warmup: int = 1) -> tuple[float, list[float]]:
 # ----------------------------------------------------------------------------- training
 
 
-def train_throughput(model, batch: int, seq: int, steps: int, warmup: int, seed: int = 0) -> dict:
-    """Training tokens/s (forward + backward + AdamW) and the peak RSS delta of one step."""
-    model.train()
-    gen = torch.Generator().manual_seed(seed)
-    ids = torch.randint(3, model.config.vocab_size, (batch, seq), generator=gen)
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+class TrainTask:
+    """One model's training step on a fixed random batch: forward + backward + AdamW."""
 
-    def step():
-        out = model(input_ids=ids, labels=ids, use_cache=False)
+    def __init__(self, model, batch: int, seq: int, seed: int = 0):
+        self.model, self.batch, self.seq = model.train(), batch, seq
+        self.gen = torch.Generator().manual_seed(seed)
+        self.ids = self._ids(batch, seq)
+        self.opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+
+    def _ids(self, batch, seq):
+        return torch.randint(3, self.model.config.vocab_size, (batch, seq), generator=self.gen)
+
+    def step(self, ids=None):
+        ids = self.ids if ids is None else ids
+        out = self.model(input_ids=ids, labels=ids, use_cache=False)
         out.loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
+        self.opt.step()
+        self.opt.zero_grad(set_to_none=True)
 
-    for _ in range(max(1, warmup)):  # the first step also creates the optimizer state
-        step()
-    with PeakRSS() as mem:
-        step()
-    median, times = median_time(step, steps, warmup=0)
-    model.eval()
-    del opt
+    def warm_up(self, steps: int, seq: int | None = None):
+        """Untimed steps (the first also creates the optimizer state), optionally on a shorter sequence."""
+        ids = self._ids(self.batch, seq) if seq else None
+        for _ in range(max(1, steps)):
+            self.step(ids)
+
+    def close(self):
+        self.model.eval()
+        del self.opt
+
+
+def train_round_robin(named_models: dict, batch: int, seq: int, steps, warmup: int = 1,
+                      warmup_seq: dict | None = None) -> dict:
+    """Training tokens/s of several models, their steps interleaved; peak RSS of one step each.
+
+    ``steps``: an int, or {name: int} for fewer steps of a slow model. ``warmup_seq``:
+    {name: seq} to warm a slow model up on a shorter sequence.
+    """
+    steps_for = steps if isinstance(steps, dict) else {name: steps for name in named_models}
+    tasks = {name: TrainTask(model, batch, seq) for name, model in named_models.items()}
+    for name, task in tasks.items():
+        task.warm_up(warmup, (warmup_seq or {}).get(name))
+    peaks = {}
+    for name, task in tasks.items():
+        with PeakRSS() as mem:
+            task.step()
+        peaks[name] = mem.delta
+    times = {name: [] for name in tasks}
+    for round_ in range(max(steps_for.values())):
+        for name, task in tasks.items():
+            if round_ < steps_for[name]:
+                start = time.perf_counter()
+                task.step()
+                times[name].append(time.perf_counter() - start)
+    results = {}
+    for name, task in tasks.items():
+        median = statistics.median(times[name])
+        results[name] = {
+            "batch": batch,
+            "seq": seq,
+            "tokens_per_s": batch * seq / median,
+            "step_s": median,
+            "step_s_all": [round(t, 4) for t in times[name]],
+            "peak_rss_bytes": peaks[name],
+        }
+        task.close()
+    del tasks
     gc.collect()
-    return {
-        "batch": batch,
-        "seq": seq,
-        "tokens_per_s": batch * seq / median,
-        "step_s": median,
-        "step_s_all": [round(t, 4) for t in times],
-        "peak_rss_bytes": mem.delta,
-    }
+    return results
 
 
 # ----------------------------------------------------------------------------- decoding
@@ -203,7 +245,7 @@ def _generate(model, ids, new_tokens, mode, cache=None):
     return model.generate(ids, **kwargs)
 
 
-def _supports_prefilled_cache(model) -> bool:
+def supports_prefilled_cache(model) -> bool:
     return not isinstance(model, transformers.MambaForCausalLM)
 
 
@@ -218,91 +260,116 @@ def prefill(model, ids) -> tuple[object, float]:
     return cache, elapsed
 
 
-def decode_throughput(model, prompt_len: int, new_tokens: int, repeats: int, modes=("default",),
-                      seed: int = 0, check_equal: bool = False, warm_prefill: bool = True) -> dict:
-    """Per-token decoding latency after a ``prompt_len``-token prompt (batch 1, greedy).
+class DecodeTask:
+    """Greedy decoding of one model after one random prompt (batch 1), in one or more modes.
 
     modes: ``"default"`` = the model's own ``generate`` (strata: block generation);
     ``"hf"`` = ``generate(custom_generate=GenerationMixin._sample)``, the plain
-    Transformers decoding loop on the same model. Several modes are timed interleaved
-    (A B A B ...) on copies of one pre-filled cache. ``warm_prefill=False`` skips the
-    untimed first prefill (when a shorter prompt already warmed the model up).
-    Returns {mode: result}.
+    Transformers decoding loop on the same model.
     """
-    model.eval()
-    gen = torch.Generator().manual_seed(seed)
-    ids = torch.randint(3, model.config.vocab_size, (1, prompt_len), generator=gen)
-    results = {mode: {"prompt_len": prompt_len, "new_tokens": new_tokens, "mode": mode} for mode in modes}
-    times = {mode: [] for mode in modes}
-    mem_deltas = {mode: [] for mode in modes}
-    if _supports_prefilled_cache(model):
-        if warm_prefill:
-            cache, _ = prefill(model, ids[:, :-1])  # warm-up of the prefill path
+
+    def __init__(self, model, prompt_len: int, modes=("default",), seed: int = 0):
+        self.model, self.prompt_len, self.modes = no_eos(model.eval()), prompt_len, tuple(modes)
+        gen = torch.Generator().manual_seed(seed)
+        self.ids = torch.randint(3, model.config.vocab_size, (1, prompt_len), generator=gen)
+        self.prefilled = supports_prefilled_cache(model)
+        self.cache = None
+        self.info = {"method": "prefilled cache" if self.prefilled else "difference"}
+        self.times = {mode: [] for mode in self.modes}
+        self.ones = {mode: [] for mode in self.modes}  # difference method: generate(1)
+        self.mem = {mode: [] for mode in self.modes}
+        self.outputs = {}
+
+    def prefill(self, warm: bool = True):
+        """Run (and time) the prefill of the prompt minus its last token; keep the cache."""
+        if not self.prefilled:
+            return
+        if warm:
+            cache, _ = prefill(self.model, self.ids[:, :-1])
             del cache
+        gc.collect()
+        with PeakRSS() as mem:
+            self.cache, seconds = prefill(self.model, self.ids[:, :-1])
+        self.info.update(prefill_s=seconds, prefill_tokens_per_s=(self.prompt_len - 1) / seconds,
+                         prefill_peak_rss_bytes=mem.delta, state_bytes=state_bytes(self.cache))
+
+    def warm_up(self, new_tokens: int = 4):
+        for mode in self.modes:
+            if self.prefilled:
+                _generate(self.model, self.ids, new_tokens, mode, copy.deepcopy(self.cache))
+            else:
+                _generate(self.model, self.ids, 2, mode)
+
+    def run(self, mode: str, new_tokens: int):
+        """One timed generation of ``new_tokens`` tokens (for the difference method, two)."""
+        if self.prefilled:
+            work = copy.deepcopy(self.cache)
             gc.collect()
-        with PeakRSS() as mem_prefill:
-            cache, prefill_s = prefill(model, ids[:, :-1])
-        common = {
-            "method": "prefilled cache",
-            "prefill_s": prefill_s,
-            "prefill_tokens_per_s": (prompt_len - 1) / prefill_s,
-            "prefill_peak_rss_bytes": mem_prefill.delta,
-            "state_bytes": state_bytes(cache),
-        }
-        outputs = {}
-        for mode in modes:  # warm-up
-            _generate(model, ids, min(4, new_tokens), mode, copy.deepcopy(cache))
-        for _ in range(repeats):
-            for mode in modes:
-                work = copy.deepcopy(cache)
-                gc.collect()
-                with PeakRSS() as mem:
-                    start = time.perf_counter()
-                    out = _generate(model, ids, new_tokens, mode, work)
-                    times[mode].append(time.perf_counter() - start)
-                mem_deltas[mode].append(mem.delta)
-                outputs[mode] = out[0, prompt_len:].tolist()
-                del work, out
-        per_token = {mode: statistics.median(times[mode]) / new_tokens for mode in modes}
-        del cache
-    else:  # by difference of two generate calls, each with its own prefill
-        common = {"method": "difference"}
-        outputs = {}
-        t1s = {mode: [] for mode in modes}
-        for mode in modes:
-            _generate(model, ids, 2, mode)  # warm-up
-        for _ in range(repeats):
-            for mode in modes:
+            with PeakRSS() as mem:
                 start = time.perf_counter()
-                _generate(model, ids, 1, mode)
-                t1s[mode].append(time.perf_counter() - start)
-                with PeakRSS() as mem:
-                    start = time.perf_counter()
-                    _generate(model, ids, new_tokens + 1, mode)
-                    times[mode].append(time.perf_counter() - start)
-                mem_deltas[mode].append(mem.delta)  # includes the prefill
-        per_token = {}
-        for mode in modes:
-            t1 = statistics.median(t1s[mode])
-            per_token[mode] = max(statistics.median(times[mode]) - t1, 1e-9) / new_tokens
-            results[mode]["prefill_s"] = t1
-            results[mode]["prefill_tokens_per_s"] = prompt_len / t1
-        cache, _ = prefill(model, ids)
-        common["state_bytes"] = state_bytes(cache)
-        del cache
+                out = _generate(self.model, self.ids, new_tokens, mode, work)
+                self.times[mode].append(time.perf_counter() - start)
+            del work
+        else:
+            start = time.perf_counter()
+            _generate(self.model, self.ids, 1, mode)
+            self.ones[mode].append(time.perf_counter() - start)
+            with PeakRSS() as mem:  # includes the prefill
+                start = time.perf_counter()
+                out = _generate(self.model, self.ids, new_tokens + 1, mode)
+                self.times[mode].append(time.perf_counter() - start)
+        self.mem[mode].append(mem.delta)
+        self.outputs[mode] = out[0, self.prompt_len:self.prompt_len + new_tokens].tolist()
+
+    def results(self, new_tokens: int) -> dict:
+        out = {}
+        if not self.prefilled:
+            cache, _ = prefill(self.model, self.ids)
+            self.info["state_bytes"] = state_bytes(cache)
+            del cache
+        for mode in self.modes:
+            r = {"prompt_len": self.prompt_len, "new_tokens": new_tokens, "mode": mode, **self.info}
+            if self.prefilled:
+                per_token = statistics.median(self.times[mode]) / new_tokens
+            else:
+                t1 = statistics.median(self.ones[mode])
+                per_token = max(statistics.median(self.times[mode]) - t1, 1e-9) / new_tokens
+                r.update(prefill_s=t1, prefill_tokens_per_s=self.prompt_len / t1)
+            r["ms_per_token"] = per_token * 1e3
+            r["tokens_per_s"] = 1.0 / per_token
+            r["times_s"] = [round(t, 4) for t in self.times[mode]]
+            r["decode_peak_rss_bytes"] = None if None in self.mem[mode] else int(statistics.median(self.mem[mode]))
+            if len(self.outputs) > 1:
+                r["same_greedy_output_across_modes"] = len({tuple(v) for v in self.outputs.values()}) == 1
+            out[mode] = r
+        return out
+
+    def close(self):
+        self.cache = None
+
+
+def decode_round_robin(tasks: dict, new_tokens: int, repeats: int, warm_prefill: bool = True) -> dict:
+    """Prefill every task, then time their generations round-robin. Returns {name: {mode: result}}."""
+    for task in tasks.values():
+        task.prefill(warm=warm_prefill)
+    for task in tasks.values():
+        task.warm_up(min(4, new_tokens))
+    for _ in range(repeats):
+        for task in tasks.values():
+            for mode in task.modes:
+                task.run(mode, new_tokens)
+    results = {name: task.results(new_tokens) for name, task in tasks.items()}
+    for task in tasks.values():
+        task.close()
     gc.collect()
-    for mode in modes:
-        r = results[mode]
-        r.update(common)
-        r["ms_per_token"] = per_token[mode] * 1e3
-        r["tokens_per_s"] = 1.0 / per_token[mode]
-        r["times_s"] = [round(t, 4) for t in times[mode]]
-        r["decode_peak_rss_bytes"] = None if None in mem_deltas[mode] else int(statistics.median(mem_deltas[mode]))
-    if check_equal and len(outputs) > 1:
-        same = len({tuple(v) for v in outputs.values()}) == 1
-        for mode in modes:
-            results[mode]["same_greedy_output_across_modes"] = same
     return results
+
+
+def decode_throughput(model, prompt_len: int, new_tokens: int, repeats: int, modes=("default",),
+                      warm_prefill: bool = True) -> dict:
+    """One model alone: {mode: result} (see DecodeTask)."""
+    task = DecodeTask(model, prompt_len, modes)
+    return decode_round_robin({"model": task}, new_tokens, repeats, warm_prefill)["model"]
 
 
 @torch.no_grad()
@@ -314,11 +381,13 @@ def decode_breakdown(model, prompt_len: int, new_tokens: int, repeats: int, seed
     - ``forward_ms``: a plain loop of one-token cached forwards (``model(...)``), the
       floor shared by every decoding loop;
     - ``block_ms`` / ``hf_ms``: per token in block ``generate`` and in the Transformers
-      loop (``decode_throughput``); their excess over ``forward_ms`` is the loop's own cost.
+      loop; their excess over ``forward_ms`` is the loop's own cost.
+    The four are timed round-robin.
     """
-    model.eval()
     gen = torch.Generator().manual_seed(seed)
-    ids = torch.randint(3, model.config.vocab_size, (1, prompt_len), generator=gen)
+    task = DecodeTask(model, prompt_len, modes=("default", "hf"), seed=seed)
+    task.prefill()
+    task.warm_up()
     linears = list({id(m.weight): m for m in model.modules() if isinstance(m, torch.nn.Linear)}.values())
     inputs = [torch.randn(1, 1, m.in_features, generator=gen) for m in linears]
 
@@ -326,28 +395,37 @@ def decode_breakdown(model, prompt_len: int, new_tokens: int, repeats: int, seed
         for m, x in zip(linears, inputs):
             m(x)
 
-    linears_s, _ = median_time(run_linears, max(5, repeats * 5), warmup=2)
-    cache, _ = prefill(model, ids[:, :-1])
-    tok = ids[:, -1:]
-
     def run_forwards():
-        work = copy.deepcopy(cache)
-        nxt = tok
+        work = copy.deepcopy(task.cache)
+        nxt = task.ids[:, -1:]
         for _ in range(new_tokens):
             out = model(input_ids=nxt, past_key_values=work, use_cache=True, logits_to_keep=1)
             nxt = out.logits[:, -1].argmax(-1, keepdim=True)
 
-    forward_s, _ = median_time(run_forwards, repeats, warmup=1)
-    del cache
-    loops = decode_throughput(model, prompt_len, new_tokens, repeats, modes=("default", "hf"))
+    run_linears()
+    run_forwards()
+    lin_times, fwd_times = [], []
+    for _ in range(repeats):
+        for _ in range(5):
+            start = time.perf_counter()
+            run_linears()
+            lin_times.append(time.perf_counter() - start)
+        start = time.perf_counter()
+        run_forwards()
+        fwd_times.append(time.perf_counter() - start)
+        for mode in task.modes:
+            task.run(mode, new_tokens)
+    loops = task.results(new_tokens)
+    task.close()
     r = {
         "prompt_len": prompt_len,
         "new_tokens": new_tokens,
         "linear_weights_mb": sum(m.weight.numel() * m.weight.element_size() for m in linears) / 2**20,
-        "linears_ms": linears_s * 1e3,
-        "forward_ms": forward_s / new_tokens * 1e3,
+        "linears_ms": statistics.median(lin_times) * 1e3,
+        "forward_ms": statistics.median(fwd_times) / new_tokens * 1e3,
         "block_ms": loops["default"]["ms_per_token"],
         "hf_ms": loops["hf"]["ms_per_token"],
+        "same_greedy_output": loops["default"].get("same_greedy_output_across_modes"),
     }
     r["block_loop_overhead_ms"] = r["block_ms"] - r["forward_ms"]
     r["hf_loop_overhead_ms"] = r["hf_ms"] - r["forward_ms"]
@@ -430,7 +508,7 @@ def kernel_share(model, batch: int, seq: int, repeats: int = 3, seed: int = 0) -
 
         median, _ = median_time(run, repeats, warmup=1)
         result[name] = {"calls_per_step": len(recorded), "fwd_bwd_s": median}
-    step = train_throughput(model, batch, seq, repeats, warmup=1)
+    step = train_round_robin({"model": model}, batch, seq, repeats, warmup=1)["model"]
     for r in result.values():
         r["share_of_step"] = r["fwd_bwd_s"] / step["step_s"]
     result["step_s"] = step["step_s"]

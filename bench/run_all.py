@@ -73,68 +73,69 @@ def log(*args):
 
 
 def run_training(settings, size, results):
-    log(f"\n== training: batch {settings['train_batch']} x seq {settings['train_seq']} "
-        f"(forward + backward + AdamW), median of {settings['train_steps']} steps")
+    batch, seq = settings["train_batch"], settings["train_seq"]
+    log(f"\n== training: batch {batch} x seq {seq} (forward + backward + AdamW), models interleaved, "
+        f"median of {settings['train_steps']} steps")
     train = results.setdefault("train", {})
-    for name in TRAIN_MODELS:
-        model = models.build(name, size)
-        r = harness.train_throughput(model, settings["train_batch"], settings["train_seq"],
-                                     settings["train_steps"], settings["train_warmup"])
-        train[name] = r
+    named = {name: models.build(name, size) for name in TRAIN_MODELS}
+    train.update(harness.train_round_robin(named, batch, seq, settings["train_steps"], settings["train_warmup"]))
+    for name in named:
+        r = train[name]
         log(f"  {name:12s} {r['tokens_per_s']:9.0f} tok/s   step {r['step_s'] * 1e3:7.1f} ms   "
             f"peak +{_mb(r['peak_rss_bytes'])} MB")
-        del model
-        gc.collect()
+    del named
+    gc.collect()
 
-    # HF Mamba runs a Python loop over positions on CPU (about 20-60 tokens/s): the same shape,
-    # warmed up on a short sequence, timed over a few steps only; then batch 1, where its loop
-    # is not amortised over rows, against strata's mamba preset on exactly that shape.
-    shapes = [(settings["train_batch"], settings["train_seq"], settings["hf_mamba_steps"])]
-    shapes.append((1, settings["train_seq"], 1))
+    # HF Mamba runs a Python loop over positions on CPU (tens of tokens/s): warmed up on a short
+    # sequence, a few steps only, interleaved with strata's mamba preset on the same shape; then
+    # at batch 1, where its loop is not amortised over rows.
     extra = results.setdefault("train_hf_mamba", {})
-    for batch, seq, steps in shapes:
-        key = f"{batch}x{seq}"
-        log(f"== training, HF Mamba vs strata mamba: batch {batch} x seq {seq}, median of {steps} step(s)")
-        for name in HF_MAMBA:
-            if name in TRAIN_MODELS and key == f"{settings['train_batch']}x{settings['train_seq']}":
-                if name in train:  # already measured above
-                    extra.setdefault(key, {})[name] = train[name]
-                    continue
-            model = models.build(name, size)
-            if name == "hf-mamba":
-                harness.train_throughput(model, batch, settings["hf_mamba_seq"], 1, warmup=1)  # warm-up, short
-                r = harness.train_throughput(model, batch, seq, steps, warmup=0)
-            else:
-                r = harness.train_throughput(model, batch, seq, settings["train_steps"], settings["train_warmup"])
-            extra.setdefault(key, {})[name] = r
-            if key == f"{settings['train_batch']}x{settings['train_seq']}":
-                train[name] = r
+    for b, steps in ((batch, settings["hf_mamba_steps"]), (1, 1)):
+        key = f"{b}x{seq}"
+        if key in extra or not HF_MAMBA:
+            continue
+        log(f"== training, HF Mamba and strata mamba interleaved: batch {b} x seq {seq}, "
+            f"median of {steps} HF step(s)")
+        named = {name: models.build(name, size) for name in HF_MAMBA}
+        steps_for = {name: steps if name == "hf-mamba" else settings["train_steps"] for name in named}
+        runs = harness.train_round_robin(named, b, seq, steps_for, warmup=1,
+                                         warmup_seq={"hf-mamba": settings["hf_mamba_seq"]})
+        extra[key] = runs
+        if b == batch and "hf-mamba" in runs:
+            train["hf-mamba"] = runs["hf-mamba"]
+        for name, r in runs.items():
             log(f"  {name:12s} {r['tokens_per_s']:9.1f} tok/s   step {r['step_s'] * 1e3:9.1f} ms   "
                 f"peak +{_mb(r['peak_rss_bytes'])} MB")
-            del model
-            gc.collect()
+        del named
+        gc.collect()
 
 
 def run_decoding(settings, size, results):
-    log(f"\n== decoding: batch 1, greedy, {settings['new_tokens']} new tokens after a prompt, "
+    log(f"\n== decoding: batch 1, greedy, {settings['new_tokens']} new tokens after a prompt, models interleaved, "
         f"median of {settings['repeats']}")
     decode = results.setdefault("decode", {})
-    for name in DECODE_MODELS:
-        model = models.build(name, size).eval()
-        contexts = settings["hf_contexts"] if name == "hf-mamba" else settings["contexts"]
-        for context in contexts:
+    named = {name: models.build(name, size).eval() for name in DECODE_MODELS}
+    for context in settings["contexts"]:
+        tasks = {}
+        for name, model in named.items():
+            if name == "hf-mamba" and context not in settings["hf_contexts"]:
+                continue
             modes = ["default"]
             if name in models.STRATA_FAMILIES and context in settings["hf_contexts"]:
                 modes.append("hf")
-            runs = harness.decode_throughput(model, context, settings["new_tokens"], settings["repeats"],
-                                             modes=modes, check_equal=True, warm_prefill=context <= 4096)
-            for mode, r in runs.items():
+            tasks[name] = harness.DecodeTask(model, context, modes)
+        runs = harness.decode_round_robin(tasks, settings["new_tokens"], settings["repeats"],
+                                          warm_prefill=context == settings["contexts"][0])
+        for name, by_mode in runs.items():
+            for mode, r in by_mode.items():
                 decode.setdefault(name, {}).setdefault(mode, {})[str(context)] = r
                 log(f"  {name:12s} {mode:7s} prompt {context:6d}: {r['ms_per_token']:7.2f} ms/token "
                     f"({r['tokens_per_s']:6.1f} tok/s)   prefill {r['prefill_tokens_per_s']:8.0f} tok/s   "
                     f"cache {r['state_bytes'] / MB:8.2f} MB   decode peak +{_mb(r['decode_peak_rss_bytes'])} MB")
-        del model
+        del tasks, runs
         gc.collect()
+    del named
+    gc.collect()
 
 
 def run_kernel_share(settings, size, results):
