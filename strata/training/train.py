@@ -358,6 +358,9 @@ def train_model(
         trainer.add_callback(ProgressBarCallback(time_budget_s))
 
     train_output = trainer.train()
+    if progress:
+        blocks = f"{len(validation)} " if not streaming else ""
+        print(f"evaluating on the {blocks}validation blocks of {seq_len} tokens ...", flush=True)
     evaluation = trainer.evaluate()
     losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
     metrics = {
