@@ -256,3 +256,31 @@ def test_push_folder_errors_are_one_line(run, monkeypatch):
         push_folder(run.folder, "someone/tiny", token="hf_not_a_real_token")
     message = _one_line(excinfo)
     assert "cannot reach the Hugging Face Hub" in message and "strata push" in message
+
+
+def test_push_folder_uploads_the_folder_without_checkpoints(run, tmp_path, monkeypatch):
+    import shutil
+
+    from huggingface_hub import HfApi, constants
+    from huggingface_hub.utils import filter_repo_objects
+
+    from strata.training.export import UPLOAD_IGNORE
+
+    folder = tmp_path / "to-push"
+    shutil.copytree(run.folder, folder)
+    (folder / "checkpoints" / "checkpoint-2").mkdir(parents=True)
+    (folder / "checkpoints" / "checkpoint-2" / "optimizer.pt").write_bytes(b"state")
+    calls = []
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(HfApi, "create_repo", lambda self, repo_id, **kw: calls.append(("create", repo_id, kw)))
+    monkeypatch.setattr(HfApi, "upload_folder", lambda self, **kw: calls.append(("upload", kw)) or "https://hub/commit")
+
+    assert push_folder(folder, "org/tiny-retmamba", private=True) == "https://hub/commit"
+    assert calls[0] == ("create", "org/tiny-retmamba", {"private": True, "exist_ok": True, "repo_type": "model"})
+    upload = calls[1][1]
+    assert upload["repo_id"] == "org/tiny-retmamba" and upload["folder_path"] == str(folder)
+    files = [str(p.relative_to(folder)) for p in folder.rglob("*") if p.is_file()]
+    uploaded = set(filter_repo_objects(files, ignore_patterns=upload["ignore_patterns"]))
+    assert uploaded == {f for f in files if not f.startswith("checkpoints/")}
+    assert upload["ignore_patterns"] == UPLOAD_IGNORE
+    assert 'model_id = "org/tiny-retmamba"' in (folder / "README.md").read_text()

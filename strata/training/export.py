@@ -194,13 +194,13 @@ def push_folder(folder: str | os.PathLike, repo_id: str, token: str | None = Non
     try:
         from strata.hub_cards import set_card_model_id
 
-        readme = folder / "README.md"
+        api = HfApi(token=token)
+        api.create_repo(repo_id, private=private, exist_ok=True, repo_type="model")
+        readme = folder / "README.md"  # the card's code examples now name the repo
         card = readme.read_text(encoding="utf-8")
         updated = set_card_model_id(card, repo_id)
         if updated != card:
             readme.write_text(updated, encoding="utf-8")
-        api = HfApi(token=token)
-        api.create_repo(repo_id, private=private, exist_ok=True, repo_type="model")
         commit = api.upload_folder(repo_id=repo_id, folder_path=str(folder), ignore_patterns=UPLOAD_IGNORE,
                                    commit_message=commit_message or "Upload strata model")
     except OfflineModeIsEnabled:
