@@ -43,7 +43,7 @@ def _register() -> None:
         AutoConfig.register(config_cls.model_type, config_cls, exist_ok=True)
         AutoModel.register(config_cls, model_cls, exist_ok=True)
         AutoModelForCausalLM.register(config_cls, lm_cls, exist_ok=True)
-    register_tokenizer()
+    register_tokenizer(*(entry[0] for entry in ARCHITECTURES.values()))
 
 
 def lora_target_modules(model_type: str) -> list[str]:
