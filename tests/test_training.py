@@ -284,3 +284,21 @@ def test_push_folder_uploads_the_folder_without_checkpoints(run, tmp_path, monke
     assert uploaded == {f for f in files if not f.startswith("checkpoints/")}
     assert upload["ignore_patterns"] == UPLOAD_IGNORE
     assert 'model_id = "org/tiny-retmamba"' in (folder / "README.md").read_text()
+
+
+def test_demo_settings_from_flags_and_environment(monkeypatch):
+    from strata.training import demo
+
+    monkeypatch.setenv("STRATA_DEMO_SECONDS", "45")
+    assert demo._seconds_from_env() == 45.0
+    for bad in ("soon", "0", "-3"):
+        monkeypatch.setenv("STRATA_DEMO_SECONDS", bad)
+        with pytest.raises(SystemExit, match="STRATA_DEMO_SECONDS"):
+            demo._seconds_from_env()
+    monkeypatch.delenv("STRATA_DEMO_SECONDS")
+    assert demo._seconds_from_env() == demo.DEFAULT_SECONDS
+    assert demo.choose_threads(3, available=2) == (3, "as requested")
+    threads, why = demo.choose_threads(None, available=2)
+    assert 1 <= threads <= 2 and why
+    with pytest.raises(SystemExit, match="--threads"):
+        demo.main(["--threads", "0", "--seconds", "1"])

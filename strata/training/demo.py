@@ -42,6 +42,34 @@ def _seconds_from_env() -> float:
     return value
 
 
+def idle_cores(interval: float = 0.5) -> float | None:
+    """How many CPU cores were idle over the last ``interval`` seconds (Linux /proc/stat), or None."""
+    def snapshot():
+        with open("/proc/stat", encoding="ascii") as f:
+            values = [int(v) for v in f.readline().split()[1:9]]  # user nice system idle iowait irq softirq steal
+        return values[3] + values[4], sum(values)
+
+    try:
+        idle0, total0 = snapshot()
+        time.sleep(interval)
+        idle1, total1 = snapshot()
+    except (OSError, ValueError, IndexError):
+        return None
+    return os.cpu_count() * (idle1 - idle0) / max(1, total1 - total0)
+
+
+def choose_threads(requested: int | None, available: int) -> tuple[int, str]:
+    """Torch threads for the demo and why: on a busy machine, threads that wait for each other while
+    another process holds their core make every step many times slower, so use only idle cores."""
+    if requested is not None:
+        return requested, "as requested"
+    idle = idle_cores()
+    if idle is None:
+        return available, "all cores"
+    threads = max(1, min(available, int(idle + 0.3)))
+    return threads, f"{idle:.1f} of {os.cpu_count()} cores idle"
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m strata.training.demo",
@@ -55,6 +83,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--prompt", default="ROMEO:", help="start of the generated sample (default: ROMEO:)")
     parser.add_argument("--max-new-tokens", type=int, default=300, help="characters to generate (default: 300)")
     parser.add_argument("--seed", type=int, default=0, help="random seed of training and sampling (default: 0)")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="CPU threads for torch (default: the cores that are idle when the demo starts)")
     return parser
 
 
@@ -63,6 +93,8 @@ def main(argv: list[str] | None = None) -> int:
     seconds = args.seconds if args.seconds is not None else _seconds_from_env()
     if seconds <= 0:
         raise SystemExit(f"strata demo: --seconds must be > 0, got {seconds}")
+    if args.threads is not None and args.threads < 1:
+        raise SystemExit(f"strata demo: --threads must be >= 1, got {args.threads}")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
     import datasets
@@ -76,8 +108,10 @@ def main(argv: list[str] | None = None) -> int:
     hf_logging.disable_progress_bar()
     hf_logging.set_verbosity_error()
 
+    threads, why = choose_threads(args.threads, torch.get_num_threads())
+    torch.set_num_threads(threads)
     print(f"strata demo: training a RetMamba fusion model on tiny Shakespeare for {seconds:.0f} s "
-          f"on {torch.get_num_threads()} CPU threads", flush=True)
+          f"on {threads} CPU thread{'s' if threads > 1 else ''} ({why})", flush=True)
     start = time.monotonic()
     result = train_model(
         arch="retmamba", preset=DEMO_PRESET, config_overrides=DEMO_CONFIG, corpus="tinyshakespeare",
