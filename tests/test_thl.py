@@ -389,6 +389,14 @@ def test_tbptt_stream_carries_the_state_across_chunks():
     assert not torch.allclose(fresh, logits[:, 8:16], atol=1e-3)
     with pytest.raises(ValueError, match="input_ids"):
         TBPTTStream(model, ids[0])
+    # reset_every: the third chunk starts from an empty state again
+    reset = [loss.item() for loss in TBPTTStream(model, ids, reset_every=16)]
+    assert reset[:2] == pytest.approx(losses[:2], abs=1e-6)
+    logits = model(ids[:, 16:]).logits
+    ref = F.cross_entropy(logits[:, :8].reshape(-1, logits.shape[-1]), ids[:, 17:25].reshape(-1))
+    assert reset[2] == pytest.approx(ref.item(), abs=1e-4)
+    with pytest.raises(ValueError, match="reset_every"):
+        TBPTTStream(model, ids, reset_every=12)
 
 
 # --------------------------------------------------------------------------- modes and errors

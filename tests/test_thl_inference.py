@@ -153,3 +153,20 @@ def test_int8_quantization_shrinks_the_linears_and_keeps_the_model(char_tokenize
     steps = [q(ids[:, t : t + 1], past_key_values=cache, use_cache=True).logits for t in range(20)]
     torch.testing.assert_close(torch.cat(steps, 1), q(ids[:, :20]).logits, atol=3e-2, rtol=0)
     assert model.lm_head.weight.dtype == torch.float32  # the original model is untouched
+
+
+# --------------------------------------------------------------------------- bench
+def test_bench_compares_equal_sized_models_and_measures_flat_state():
+    import importlib.util
+    from pathlib import Path
+
+    spec = importlib.util.spec_from_file_location("bench_thl", Path(__file__).resolve().parents[1] / "bench" / "thl.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    thl, llama = bench.build("thl", 400), bench.build("llama", 400)
+    assert abs(bench.num_parameters(llama) / bench.num_parameters(thl) - 1) < 0.05  # equal size within 5%
+    short = bench.memory_child("thl", 64, 2, 1)
+    long = bench.memory_child("thl", 192, 2, 1)
+    assert short["state_mb"] == long["state_mb"] > 0
+    kv_short, kv_long = bench.memory_child("llama", 64, 2, 1), bench.memory_child("llama", 192, 2, 1)
+    assert kv_long["state_mb"] > 2.5 * kv_short["state_mb"]

@@ -75,9 +75,12 @@ class THLConfig(StrataConfigMixin, PretrainedConfig):
             the lowest slot index).
         novelty_threshold: theta; a candidate is novel when ``1 - max cos(w, m_j) > theta``.
         novelty_beta: beta of the write gate ``sigmoid(beta * (novelty - theta))``.
-        write_max_norm: candidates are norm-clipped to this length (default sqrt(d)).
+        write_max_norm: candidates are norm-clipped to this length (default 1: unit-scale slots;
+            larger slots saturated the GRU tiers in training).
         reinforce_rate: eta; a non-novel candidate moves its most similar slot by
-            ``m <- (1 - eta) m + eta w``.
+            ``m <- (1 - eta) m + eta w``. Small values keep slots as slowly refined prototypes; a
+            large one makes the slot follow the latest candidates, so nothing looks novel and the
+            bank stays nearly empty.
         memory_decay: gamma; every slot is multiplied by gamma at every real token.
         eviction_policy: slot replaced by a novel candidate when no slot is empty:
             ``"least_used"`` (lowest read + write usage EMA) or ``"stale"`` (oldest last
@@ -112,8 +115,8 @@ class THLConfig(StrataConfigMixin, PretrainedConfig):
         gumbel_scale: float = 1.0,
         novelty_threshold: float = 0.3,
         novelty_beta: float = 10.0,
-        write_max_norm: float | None = None,
-        reinforce_rate: float = 0.5,
+        write_max_norm: float = 1.0,
+        reinforce_rate: float = 0.05,
         memory_decay: float = 0.9995,
         eviction_policy: str = "least_used",
         local_window: int = 64,
@@ -157,8 +160,6 @@ class THLConfig(StrataConfigMixin, PretrainedConfig):
         check_float("gumbel_scale", gumbel_scale, 0.0)
         check_float("novelty_threshold", novelty_threshold, 0.0, 2.0)
         check_float("novelty_beta", novelty_beta, 0.0, low_inclusive=False)
-        if write_max_norm is None:
-            write_max_norm = math.sqrt(hidden_size)
         check_float("write_max_norm", write_max_norm, 0.0, low_inclusive=False)
         check_float("reinforce_rate", reinforce_rate, 0.0, 1.0)
         check_float("memory_decay", memory_decay, 0.0, 1.0, low_inclusive=False)

@@ -176,18 +176,26 @@ def make_plan(config: THLConfig, clock: torch.Tensor, token_mask: torch.Tensor |
     """Schedule of T steps for rows whose clocks (host, (B,)) are ``clock``; ``token_mask``
     (host (B, T) bool) marks real tokens (None: all real)."""
     B = clock.shape[0]
-    mask = torch.ones(B, T, dtype=torch.bool) if token_mask is None else token_mask.bool()
-    pos = clock[:, None] + mask.long().cumsum(1) - 1  # real tokens: their position; pads: the last real one
+    has_pad = token_mask is not None and not bool(token_mask.all())
     n = config.decay_fold_period
-    after = pos + 1  # real tokens seen once this step is done
-    sigma_prev = torch.where(mask, decay_scales(config, pos.clamp(min=0)), decay_scales(config, after))
-    sigma_cur = decay_scales(config, after)
-    fold_mask = mask & (after % n == 0)
     taus = torch.tensor(config.timescales)
-    active = mask[:, :, None] & (pos[:, :, None] % taus == 0)  # (B, T, K)
+    if not has_pad:  # fast path (decoding): every token is real
+        mask = torch.ones(B, T, dtype=torch.bool)
+        pos = clock[:, None] + torch.arange(T)
+        after = pos + 1
+        sigma_prev = decay_scales(config, pos)
+        sigma_cur = decay_scales(config, after)
+        active = pos[:, :, None] % taus == 0
+    else:
+        mask = token_mask.bool()
+        pos = clock[:, None] + mask.long().cumsum(1) - 1  # real tokens: their position; pads: the last real one
+        after = pos + 1  # real tokens seen once this step is done
+        sigma_prev = torch.where(mask, decay_scales(config, pos.clamp(min=0)), decay_scales(config, after))
+        sigma_cur = decay_scales(config, after)
+        active = mask[:, :, None] & (pos[:, :, None] % taus == 0)  # (B, T, K)
+    fold_mask = mask & (after % n == 0)
     any_a, all_a = active.any(0), active.all(0)
-    tier_mode = torch.where(all_a, 1, torch.where(any_a, 2, 0)).tolist()
-    has_pad = not bool(mask.all())
+    tier_mode = (all_a.long() + (any_a & ~all_a).long() * 2).tolist()
     partial_tiers = any(2 in row for row in tier_mode)
     fold_any = fold_mask.any(0).tolist()
     to = dict(device=device)
@@ -792,16 +800,25 @@ class TBPTTStream:
     the mean next-token cross-entropy of the chunk, the first token of the chunk predicted
     from the state the previous chunk left::
 
-        for loss in TBPTTStream(model, ids):
+        for loss in TBPTTStream(model, ids, reset_every=2048):
             loss.backward(); optimizer.step(); optimizer.zero_grad()
+
+    ``reset_every`` (tokens, a multiple of the chunk length) restarts the state from empty
+    periodically. Without it a model trained for long only ever sees states that older
+    weights built over thousands of tokens, never a fresh one, and evaluates badly from an
+    empty state (the start of every prompt).
     """
 
     def __init__(self, model: THLForCausalLM, input_ids: torch.LongTensor, chunk_length: int | None = None,
-                 cache: RecurrentCache | None = None):
+                 cache: RecurrentCache | None = None, reset_every: int | None = None):
         if input_ids.dim() != 2 or input_ids.shape[1] < 2:
             raise ValueError(f"`input_ids` must have shape (streams, length >= 2), got {tuple(input_ids.shape)}")
         self.model, self.input_ids = model, input_ids
         self.chunk_length = chunk_length or model.config.tbptt_length
+        if reset_every is not None and (reset_every <= 0 or reset_every % self.chunk_length):
+            raise ValueError(f"`reset_every` ({reset_every}) must be a positive multiple of the chunk length "
+                             f"({self.chunk_length})")
+        self.reset_every = reset_every
         self.cache = cache if cache is not None else RecurrentCache(model.config.num_hidden_layers)
 
     def __len__(self) -> int:
@@ -810,6 +827,8 @@ class TBPTTStream:
     def __iter__(self):
         ids, L = self.input_ids, self.chunk_length
         for s in range(0, ids.shape[1] - 1, L):
+            if self.reset_every and s and s % self.reset_every == 0:
+                self.cache = RecurrentCache(self.model.config.num_hidden_layers)
             inputs, targets = ids[:, s : s + L], ids[:, s + 1 : s + L + 1]
             logits = self.model(inputs, past_key_values=self.cache, use_cache=True).logits
             logits = logits[:, : targets.shape[1]]
