@@ -51,15 +51,42 @@ def uptime_line() -> str:
     return f"up {up / 60:.0f} min, load average: {one:.2f}, {five:.2f}, {fifteen:.2f}"
 
 
-def wait_for_quiet(max_load: float, timeout_s: float, poll_s: float = 15.0, log=print) -> float:
-    """Wait (up to ``timeout_s``) until the 1-minute load average is below ``max_load``."""
+class CpuSnapshot:
+    """/proc/stat and /proc/self/stat counters: how busy the machine was, and with what."""
+
+    def __init__(self):
+        with open("/proc/stat") as f:
+            values = [int(v) for v in f.readline().split()[1:9]]
+        self.total, self.idle = sum(values), values[3] + values[4]
+        with open("/proc/self/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+        self.own = int(fields[11]) + int(fields[12])  # utime + stime of all threads, in clock ticks
+        self.wall = time.time()
+
+    def foreign_since(self, earlier: "CpuSnapshot") -> float:
+        """Fraction of the machine's CPU time used by other processes since ``earlier`` (0 .. 1)."""
+        total = self.total - earlier.total
+        if total <= 0:
+            return 0.0
+        busy = total - (self.idle - earlier.idle)
+        return max(0.0, busy - (self.own - earlier.own)) / total
+
+
+def foreign_cpu_now(window_s: float = 5.0) -> float:
+    before = CpuSnapshot()
+    time.sleep(window_s)
+    return CpuSnapshot().foreign_since(before)
+
+
+def wait_for_quiet(max_foreign: float, timeout_s: float, window_s: float = 10.0, log=print) -> float:
+    """Wait (up to ``timeout_s``) until other processes use less than ``max_foreign`` of the CPUs
+    over a ``window_s`` window (more responsive than the 1-minute load average)."""
     start = time.time()
     while True:
-        one = os.getloadavg()[0]
-        if one < max_load or time.time() - start >= timeout_s:
-            return one
-        log(f"  load average {one:.2f} >= {max_load}: waiting for the machine to quieten ...")
-        time.sleep(poll_s)
+        foreign = foreign_cpu_now(window_s)
+        if foreign < max_foreign or time.time() - start >= timeout_s:
+            return foreign
+        log(f"  other processes use {foreign:.0%} of the CPUs (load {load_average()[0]}): waiting ...")
 
 
 # ----------------------------------------------------------------------------- memory

@@ -263,7 +263,10 @@ def print_tables(results, settings):
     lo, hi = str(settings["hf_contexts"][0]), str(settings["hf_contexts"][-1])
     lines = []
     add = lines.append
-    add(f"\nmachine load: start {results['meta']['load_start']}  end {results['meta'].get('load_end')}")
+    meta = results["meta"]
+    add(f"\nmachine load average (1, 5, 15 min): start {meta['load_start']}  end {meta.get('load_end')}; "
+        "share of the CPUs used by other processes during each section: "
+        + ", ".join(f"{k} {v:.0%}" for k, v in meta.get("foreign_cpu", {}).items()))
     add(f"\ntraining, batch {settings['train_batch']} x seq {settings['train_seq']} "
         f"(HF Mamba shape: batch {settings['train_batch']} x seq {settings['hf_mamba_seq']})")
     add("| model | params | train tok/s | peak RSS MB | x Llama tok/s | x Llama peak |")
@@ -407,8 +410,9 @@ def main(argv=None):
                         help="results file (default docs/benchmarks.json; --quick: bench/results/quick.json)")
     parser.add_argument("--plot", type=Path, default=None,
                         help="PNG (default docs/figures/throughput_vs_context.png; --quick: bench/results/quick.png)")
-    parser.add_argument("--max-load", type=float, default=None,
-                        help="wait (up to --wait seconds) until the 1-minute load average is below this")
+    parser.add_argument("--max-foreign", type=float, default=None,
+                        help="wait (up to --wait seconds) until other processes use less than this fraction "
+                             "of the CPUs (e.g. 0.1), measured over 10 s")
     parser.add_argument("--wait", type=float, default=600.0)
     args = parser.parse_args(argv)
 
@@ -429,8 +433,8 @@ def main(argv=None):
 
 
 def _run(args, settings, json_path, png_path, argv):
-    if args.max_load is not None:
-        harness.wait_for_quiet(args.max_load, args.wait, log=log)
+    if args.max_foreign is not None:
+        harness.wait_for_quiet(args.max_foreign, args.wait, log=log)
 
     given = sys.argv[1:] if argv is None else list(argv)
     command = " ".join([".venv/bin/python bench/run_all.py"] + given)
@@ -460,7 +464,7 @@ def _run(args, settings, json_path, png_path, argv):
         log(f"  {name:12s} {d['class']:22s} {d['parameters'] / 1e6:6.2f}M parameters, hidden {d['hidden_size']}, "
             f"{d['num_hidden_layers']} layers")
 
-    sections = {s.strip() for s in args.sections.split(",") if s.strip()}
+    sections = [s.strip() for s in args.sections.split(",") if s.strip()]
     if args.models:
         keep = {m.strip() for m in args.models.split(",")}
         TRAIN_MODELS[:] = [m for m in TRAIN_MODELS if m in keep]
@@ -468,19 +472,21 @@ def _run(args, settings, json_path, png_path, argv):
         HF_MAMBA[:] = [m for m in HF_MAMBA if m in keep]
         TINY_MODELS[:] = [m for m in TINY_MODELS if m in keep]
         KERNEL_MODELS[:] = [m for m in KERNEL_MODELS if m in keep]
-    if "train" in sections:
-        run_training(settings, args.size, results)
-    if "decode" in sections:
-        run_decoding(settings, args.size, results)
-    if "breakdown" in sections:
-        run_breakdown(settings, args.size, results)
-    if "kernels" in sections:
-        run_kernel_share(settings, args.size, results)
+    runners = {"train": run_training, "decode": run_decoding, "breakdown": run_breakdown,
+               "kernels": run_kernel_share}
+    foreign = results["meta"]["foreign_cpu"] = {}
+    for section in sections:
+        before = harness.CpuSnapshot()
+        runners[section](settings, args.size, results)
+        after = harness.CpuSnapshot()
+        foreign[section] = round(after.foreign_since(before), 3)
+        log(f"  [{section}: {after.wall - before.wall:.0f} s; other processes used {foreign[section]:.0%} "
+            f"of the CPUs meanwhile; load {harness.load_average()[0]}]")
 
     results["meta"]["load_end"] = list(harness.load_average())
     results["meta"]["uptime_end"] = harness.uptime_line()
     results["meta"]["elapsed_s"] = round(time.time() - started, 1)
-    if {"train", "decode"} <= sections:
+    if {"train", "decode"} <= set(sections):
         summarize(results, settings)
         results["table"] = print_tables(results, settings)
     json_path.parent.mkdir(parents=True, exist_ok=True)
