@@ -129,7 +129,9 @@ class StrataTrainer(Trainer):
         if self.lr_scheduler is None:
             schedule = WarmupCosineSchedule(num_training_steps, self.args.get_warmup_steps(num_training_steps),
                                             self.time_budget_s)
-            self.lr_scheduler = LambdaLR(optimizer or self.optimizer, schedule)
+            # A plain function, not the object: LambdaLR then saves no lambda state into the checkpoint
+            # (the object's clock cannot be loaded with torch.load(weights_only=True) on resume).
+            self.lr_scheduler = LambdaLR(optimizer or self.optimizer, lambda step: schedule(step))
             self._created_lr_scheduler = True
         return self.lr_scheduler
 
@@ -286,6 +288,7 @@ def train_model(
     hub_model_id: str | None = None,
     hub_private: bool | None = None,
     hub_token: str | None = None,
+    resume_from_checkpoint: str | os.PathLike | bool | None = None,
 ) -> TrainResult:
     """Train ``arch``/``preset`` on ``corpus`` and write a Hub-ready folder to ``output_dir``.
 
@@ -293,6 +296,11 @@ def train_model(
     ``output_dir/checkpoints`` and are not uploaded. Returns the folder, the metrics
     (``eval_loss`` in nats per token, ``eval_bpc`` bits per character, ``train_loss`` of
     the last logging window, ...) and the trained model and tokenizer.
+
+    ``resume_from_checkpoint``: a Trainer checkpoint folder (or True: the last one under
+    ``output_dir/checkpoints``) to continue from. Runs unchanged under ``torchrun`` /
+    ``accelerate launch`` (one process per device, ``batch_size`` per process); only the
+    main process writes the folder and pushes (docs/distributed.md).
     """
     for name, value in (("max_steps", max_steps), ("seq_len", seq_len), ("batch_size", batch_size)):
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
@@ -357,7 +365,9 @@ def train_model(
     if progress:
         trainer.add_callback(ProgressBarCallback(time_budget_s))
 
-    train_output = trainer.train()
+    if resume_from_checkpoint is not None and not isinstance(resume_from_checkpoint, bool):
+        resume_from_checkpoint = str(resume_from_checkpoint)
+    train_output = trainer.train(resume_from_checkpoint=resume_from_checkpoint or None)
     if progress:
         blocks = f"{len(validation)} " if not streaming else ""
         print(f"evaluating on the {blocks}validation blocks of {seq_len} tokens ...", flush=True)
@@ -375,10 +385,11 @@ def train_model(
     model.eval()
     training = dict(asdict(settings), corpus_title=data.corpus.title if data.corpus else str(corpus),
                     device=str(model.device), torch_threads=torch.get_num_threads())
-    write_hub_folder(model, tok, folder, metrics=metrics, corpus=data.corpus, training=training,
-                     model_id=hub_model_id)
-    if push_to_hub:
-        push_folder(folder, hub_model_id, token=hub_token, private=hub_private)
+    if trainer.is_world_process_zero():  # distributed runs: one writer
+        write_hub_folder(model, tok, folder, metrics=metrics, corpus=data.corpus, training=training,
+                         model_id=hub_model_id)
+        if push_to_hub:
+            push_folder(folder, hub_model_id, token=hub_token, private=hub_private)
     return TrainResult(folder, metrics, model, tok, list(trainer.state.log_history),
                        stopped_by_time_budget=bool(budget and budget.stopped_at_step is not None
                                                    and trainer.state.global_step < max_steps))
