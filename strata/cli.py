@@ -20,6 +20,7 @@ examples:
   strata generate outputs/tiny --prompt "ROMEO:" --max-new-tokens 200
   strata export outputs/tiny/checkpoints/checkpoint-200 outputs/tiny-clean
   strata push outputs/tiny --repo-id your-name/retmamba-tiny
+  strata convert --from hf-llama path/to/llama-checkpoint outputs/retmamba-llama
 
 Run `strata COMMAND --help` for the options of a command.
 """
@@ -217,6 +218,25 @@ def build_parser() -> argparse.ArgumentParser:
     push.add_argument("--token", default=None, help="Hub token (default: the logged-in one or HF_TOKEN)")
     push.add_argument("--message", default=None, help="commit message")
     push.set_defaults(func=_cmd_push)
+
+    # ---------------------------------------------------------------- convert
+    conv = sub.add_parser(
+        "convert", help="convert a Transformers or THL-reference checkpoint into a Hub-ready strata folder",
+        description="hf-mamba: MambaForCausalLM -> RetMamba (mamba); hf-llama: LlamaForCausalLM -> RetMamba "
+                    "(transformer); both with identical logits. thl-reference: the THL reference "
+                    "implementation's config.json + model.safetensors -> strata THL (never exact: needs "
+                    "--partial; docs/conversion.md). Weights are read from safetensors only.",
+        epilog="examples:\n  strata convert --from hf-llama path/to/llama out/retmamba-llama\n"
+               "  strata convert --from thl-reference --partial path/to/thl-ckpt out/thl",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    conv.add_argument("--from", dest="source_format", required=True, choices=("hf-mamba", "hf-llama", "thl-reference"),
+                      help="format of SRC")
+    conv.add_argument("src", metavar="SRC", help="checkpoint folder (config.json + *.safetensors)")
+    conv.add_argument("dst", metavar="DST", help="folder to write (must be new or empty)")
+    conv.add_argument("--partial", action="store_true",
+                      help="thl-reference only: copy what maps exactly, keep strata's initialisation for the rest")
+    conv.set_defaults(func=_cmd_convert)
     return parser
 
 
@@ -303,6 +323,40 @@ def _cmd_push(args) -> int:
 
     url = push_folder(args.folder, args.repo_id, token=args.token, private=args.private, commit_message=args.message)
     print(f"pushed {args.folder} to https://huggingface.co/{args.repo_id} ({url})")
+    return 0
+
+
+def _cmd_convert(args) -> int:
+    import tempfile
+    from pathlib import Path
+
+    from transformers import AutoTokenizer
+
+    from strata.training.export import write_hub_folder
+
+    dst = Path(args.dst)
+    if dst.exists() and any(dst.iterdir()):
+        raise ValueError(f"{dst} is not empty")
+    tokenizer, reasons = None, []
+    if args.source_format == "thl-reference":
+        from strata.conversion.convert_thl import convert_reference_checkpoint
+
+        model, reasons = convert_reference_checkpoint(args.src, partial=args.partial)
+    else:
+        if args.partial:
+            raise ValueError("--partial applies to --from thl-reference only")
+        from strata.conversion.convert_hf import convert_checkpoint
+
+        with tempfile.TemporaryDirectory() as scratch:
+            model = convert_checkpoint(args.source_format, args.src, scratch)
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(args.src)
+        except (OSError, ValueError):
+            tokenizer = None  # a checkpoint without tokenizer files: the card says so
+    write_hub_folder(model, tokenizer, dst, base_model=None)
+    for reason in reasons:
+        print(f"not exact: {reason}")
+    print(f"converted {args.src} ({args.source_format}) -> {dst}: " + ", ".join(sorted(p.name for p in dst.iterdir())))
     return 0
 
 

@@ -181,3 +181,23 @@ def test_checkpoint_folder_safetensors_only(tmp_path):
     with torch.no_grad():
         torch.testing.assert_close(reloaded(ids).logits, model(ids).logits, atol=1e-6, rtol=0)
         torch.testing.assert_close(reloaded.model.embed_tokens.weight, source.model.embed_tokens.weight)
+
+
+def test_strata_convert_cli_thl_reference(tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    from strata.cli import main
+
+    source = strata_model(0)
+    ref_config, state = reference_checkpoint(source)
+    src = tmp_path / "ref"
+    src.mkdir()
+    (src / "config.json").write_text(json.dumps(ref_config))
+    save_file(state, str(src / "model.safetensors"))
+    with pytest.raises(SystemExit, match="cannot be converted with identical logits"):
+        main(["convert", "--from", "thl-reference", str(src), str(tmp_path / "strict")])
+    assert main(["convert", "--from", "thl-reference", "--partial", str(src), str(tmp_path / "out")]) == 0
+    names = {p.name for p in (tmp_path / "out").iterdir()}
+    assert {"config.json", "model.safetensors", "README.md", "modeling_thl.py", "generation_config.json"} <= names
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "out", trust_remote_code=True)
+    torch.testing.assert_close(model.model.core.router.key_proj.weight, source.model.core.router.key_proj.weight)
