@@ -164,7 +164,8 @@ def build_parser() -> argparse.ArgumentParser:
                             "fine-tune); see `python -m strata.training.hmtr_train --help`")
     train.add_argument("--init-from", "--init_from", dest="init_from", default=None,
                        help="with --stage 2 or 3: the previous stage's output folder")
-    train.add_argument("--resume", action="store_true", help="with --stage: continue from the last checkpoint")
+    train.add_argument("--resume", action="store_true", help="continue from the last checkpoint in OUTPUT_DIR/checkpoints (any number of processes, "
+                            "same global batch)")
     train.set_defaults(func=_cmd_train)
 
     # ---------------------------------------------------------------- generate
@@ -264,6 +265,7 @@ def _cmd_train(args) -> int:
         streaming=args.streaming, eval_max_blocks=args.eval_max_blocks, save_steps=args.save_steps,
         seed=args.seed, progress=args.progress, use_cpu=args.cpu, push_to_hub=args.push_to_hub,
         hub_model_id=args.hub_model_id, hub_private=args.private,
+        resume_from_checkpoint=True if args.resume else None,
     )
     m = result.metrics
     print(f"trained {m['train_steps']} steps in {m['train_runtime_s']:.0f} s; final training loss "
