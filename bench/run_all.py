@@ -383,7 +383,7 @@ def plot(results, settings, path: Path):
     meta = results["meta"]
     ref = results["models"]["transformer"]
     fig.suptitle(f"strata -{meta['size']} presets vs Llama / HF Mamba (hidden {ref['hidden_size']}, "
-                 f"{ref['num_hidden_layers']} layers, batch 1, fp32), {meta['threads']} CPU threads, "
+                 f"{ref['num_hidden_layers']} layers, batch 1, fp32), {meta['threads']} CPU thread(s), {meta.get('clock', 'wall')} clock, "
                  f"load {meta['load_start'][0]} -> {meta.get('load_end', ['?'])[0]}")
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -406,6 +406,8 @@ def main(argv=None):
     parser.add_argument("--models", default=None,
                         help="comma list restricting the models timed (default: all), e.g. transformer,llama")
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--clock", choices=["wall", "cpu"], default="wall",
+                        help="cpu: time by this process's CPU time (needs --threads 1), robust to other processes")
     parser.add_argument("--json", type=Path, default=None,
                         help="results file (default docs/benchmarks.json; --quick: bench/results/quick.json)")
     parser.add_argument("--plot", type=Path, default=None,
@@ -422,6 +424,9 @@ def main(argv=None):
                           "docs/figures/throughput_vs_context.png")
     json_path, png_path = args.json or default_json, args.plot or default_png
 
+    if args.clock == "cpu" and args.threads != 1:
+        parser.error("--clock cpu needs --threads 1")
+    harness.set_clock(args.clock)
     torch.set_num_threads(args.threads)
     transformers.logging.set_verbosity_error()
     gc.collect()
@@ -447,6 +452,7 @@ def _run(args, settings, json_path, png_path, argv):
             "torch": torch.__version__,
             "transformers": transformers.__version__,
             "threads": torch.get_num_threads(),
+            "clock": args.clock,
             "size": args.size,
             "settings": settings,
             "load_start": list(harness.load_average()),
