@@ -9,6 +9,7 @@ import textwrap
 import pytest
 import torch
 from datasets import IterableDataset
+from huggingface_hub import ModelCard
 from safetensors.torch import load_file
 from transformers import TrainerControl, TrainerState
 
@@ -136,6 +137,15 @@ def test_time_budget_stops_a_real_streaming_run(tmp_path):
     assert result.metrics["train_steps"] == 1
     assert result.stopped_by_time_budget
     assert (tmp_path / "budget" / "model.safetensors").is_file()
+
+
+def test_a_local_text_file_trains_and_is_named_in_the_card(tmp_path, shakespeare):
+    text = tmp_path / "my_notes.txt"
+    text.write_text(shakespeare[:20_000], encoding="utf-8")
+    result = train_model(**dict(TINY_RUN, corpus=str(text), max_steps=2), output_dir=tmp_path / "local")
+    card = ModelCard.load(tmp_path / "local" / "README.md")
+    assert {r.dataset_name for r in card.data.eval_results} == {"my_notes.txt"}
+    assert result.metrics["eval_loss"] > 0
 
 
 # --------------------------------------------------------------------------- a whole run

@@ -41,7 +41,7 @@ class Corpus:
     sample_by: str  # "document" or "paragraph": how `load_dataset("text")` makes rows
     title: str
     hub_dataset: str | None  # the Hub dataset holding the same text, for model card metadata
-    language: str
+    language: str | None
     source: str
     example_prompt: str  # a natural start for a generated sample
 
@@ -71,13 +71,16 @@ def corpus_path(name: str) -> Path:
     return DATA_DIR / CORPORA[name].filename
 
 
-def resolve_corpus(corpus: str | os.PathLike) -> tuple[Path, Corpus | None]:
-    """A bundled corpus name or a path to a UTF-8 text file -> (path, Corpus or None)."""
+def resolve_corpus(corpus: str | os.PathLike) -> tuple[Path, Corpus]:
+    """A bundled corpus name or a path to a UTF-8 text file -> (path, its Corpus description).
+
+    A local file is described by its name, so model cards can name the data of their results.
+    """
     if isinstance(corpus, str) and corpus in CORPORA:
         return corpus_path(corpus), CORPORA[corpus]
     path = Path(corpus)
     if path.is_file():
-        return path, None
+        return path, Corpus(path.stem, path.name, "document", path.name, None, None, str(path), "\n")
     raise ValueError(
         f"unknown corpus {str(corpus)!r}: not a bundled corpus {corpus_names()} and not an existing text file"
     )
@@ -87,7 +90,7 @@ def load_text_splits(corpus: str | os.PathLike = "tinyshakespeare", sample_by: s
                      streaming: bool = False) -> DatasetDict | IterableDatasetDict:
     """Rows of raw text with a ``"train"`` and a ``"validation"`` split (column ``"text"``)."""
     path, info = resolve_corpus(corpus)
-    sample_by = sample_by or (info.sample_by if info else "document")
+    sample_by = sample_by or info.sample_by
     if sample_by not in ("document", "paragraph"):
         raise ValueError(f"`sample_by` must be 'document' or 'paragraph', got {sample_by!r}")
     raw = load_dataset("text", data_files={"text": str(path)}, sample_by=sample_by, streaming=streaming)["text"]

@@ -99,7 +99,7 @@ def export_checkpoint(source: str | os.PathLike, out_dir: str | os.PathLike, tok
     import strata  # noqa: F401  (registers the architectures with the Auto classes)
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from strata.training.data import CORPORA
+    from strata.training.data import resolve_corpus
 
     source, out = Path(source), Path(out_dir)
     if not (source / "config.json").is_file():
@@ -132,7 +132,7 @@ def export_checkpoint(source: str | os.PathLike, out_dir: str | os.PathLike, tok
         tokenizer = AutoTokenizer.from_pretrained(tokenizer, trust_remote_code=False)
 
     corpus = corpus or run_info.get("corpus")
-    info = CORPORA.get(corpus) if corpus else None
+    info = resolve_corpus(corpus)[1] if corpus else None
     if evaluate:
         if corpus is None:
             raise ValueError("evaluate=True needs a corpus (--corpus): the checkpoint does not name one")

@@ -39,7 +39,7 @@ from transformers import TrainingArguments, default_data_collator
 from transformers.trainer_callback import ProgressCallback
 from transformers.trainer_utils import get_last_checkpoint
 
-from strata.training.data import Corpus, bits_per_character
+from strata.training.data import bits_per_character
 from strata.training.export import check_push_possible, push_folder, write_hub_folder
 from strata.training.hmtr_capsules import (
     MANIFEST,
@@ -378,12 +378,10 @@ def train_hmtr_stage(
         metrics.update(lm_metrics(model, data.validation, data.tokens_per_char, max_windows=eval_max_windows))
     set_trainable(model, 3)  # save a model whose parameters all train by default
     info.update(resumed_from=checkpoint)
-    training = dict(info, corpus_title=data.corpus.title if data.corpus else str(corpus), device=str(model.device),
+    training = dict(info, corpus_title=data.corpus.title, device=str(model.device),
                     torch_threads=torch.get_num_threads())
-    card_corpus = data.corpus or Corpus(Path(corpus).stem, Path(corpus).name, "document", Path(corpus).name, None,
-                                        None, str(corpus), "\n")  # a text file: named in the card
     write_hub_folder(model, tok, folder, metrics={k: v for k, v in metrics.items() if isinstance(v, (int, float))},
-                     corpus=card_corpus, training=training, model_id=hub_model_id)
+                     corpus=data.corpus, training=training, model_id=hub_model_id)
     (folder / STAGE_FILE).write_text(json.dumps(dict(info, metrics=metrics), indent=2) + "\n", encoding="utf-8")
     if push_to_hub:
         push_folder(folder, hub_model_id, token=hub_token, private=hub_private)

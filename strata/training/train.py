@@ -383,7 +383,7 @@ def train_model(
     }
 
     model.eval()
-    training = dict(asdict(settings), corpus_title=data.corpus.title if data.corpus else str(corpus),
+    training = dict(asdict(settings), corpus_title=data.corpus.title,
                     device=str(model.device), torch_threads=torch.get_num_threads())
     if trainer.is_world_process_zero():  # distributed runs: one writer
         write_hub_folder(model, tok, folder, metrics=metrics, corpus=data.corpus, training=training,
