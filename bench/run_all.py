@@ -201,8 +201,9 @@ def summarize(results, settings):
         ref = "hf-mamba" if name == "mamba" else "llama"
         row = {"model": name, "reference": ref, "parameters": params[name]["parameters"],
                "ref_parameters": params[ref]["parameters"]}
-        row["train_x_ref"] = _ratio(_get(train, name, "tokens_per_s"), _get(train, ref, "tokens_per_s"))
-        row["train_peak_x_ref"] = _ratio(_get(train, name, "peak_rss_bytes"), _get(train, ref, "peak_rss_bytes"))
+        pair = train if name != "mamba" else hfm.get(f"{settings['train_batch']}x{settings['train_seq']}", {})
+        row["train_x_ref"] = _ratio(_get(pair, name, "tokens_per_s"), _get(pair, ref, "tokens_per_s"))
+        row["train_peak_x_ref"] = _ratio(_get(pair, name, "peak_rss_bytes"), _get(pair, ref, "peak_rss_bytes"))
         row["train_x_llama"] = _ratio(_get(train, name, "tokens_per_s"), _get(train, "llama", "tokens_per_s"))
         row["train_tokens_per_s"] = _get(train, name, "tokens_per_s")
         for ctx in (lo, hi):
@@ -267,8 +268,9 @@ def print_tables(results, settings):
     add(f"\nmachine load average (1, 5, 15 min): start {meta['load_start']}  end {meta.get('load_end')}; "
         "share of the CPUs used by other processes during each section: "
         + ", ".join(f"{k} {v:.0%}" for k, v in meta.get("foreign_cpu", {}).items()))
-    add(f"\ntraining, batch {settings['train_batch']} x seq {settings['train_seq']} "
-        f"(HF Mamba shape: batch {settings['train_batch']} x seq {settings['hf_mamba_seq']})")
+    add(f"\ntraining, batch {settings['train_batch']} x seq {settings['train_seq']}; HF Mamba: "
+        f"{settings['hf_mamba_steps']} step(s) after a warm-up at seq {settings['hf_mamba_seq']}, interleaved with "
+        "strata's mamba (rows 'paired'), and at batch 1")
     add("| model | params | train tok/s | peak RSS MB | x Llama tok/s | x Llama peak |")
     add("| --- | ---: | ---: | ---: | ---: | ---: |")
     for name in TRAIN_MODELS:
@@ -285,7 +287,7 @@ def print_tables(results, settings):
             if r is None or (name in TRAIN_MODELS and r is train.get(name)):
                 continue
             ll = train.get("llama", {}) if key == f"{settings['train_batch']}x{settings['train_seq']}" else {}
-            add(f"| {name} ({key}) | {params[name]['parameters'] / 1e6:.2f}M | {r['tokens_per_s']:.1f} | "
+            add(f"| {name} ({key}, paired) | {params[name]['parameters'] / 1e6:.2f}M | {r['tokens_per_s']:.1f} | "
                 f"{_mb(r['peak_rss_bytes']).strip()} | {_fmt(_ratio(r['tokens_per_s'], ll.get('tokens_per_s')))} | "
                 f"{_fmt(_ratio(r['peak_rss_bytes'], ll.get('peak_rss_bytes')))} |")
 
