@@ -125,7 +125,8 @@ def run_decoding(settings, size, results):
                 modes.append("hf")
             tasks[name] = harness.DecodeTask(model, context, modes)
         runs = harness.decode_round_robin(tasks, settings["new_tokens"], settings["repeats"],
-                                          warm_prefill=context == settings["contexts"][0])
+                                          warm_prefill=context == settings["contexts"][0],
+                                          prefill_repeats=settings["repeats"] if context <= 4096 else 1)
         for name, by_mode in runs.items():
             for mode, r in by_mode.items():
                 decode.setdefault(name, {}).setdefault(mode, {})[str(context)] = r
