@@ -416,9 +416,10 @@ def main(argv=None):
     parser.add_argument("--clock", choices=["wall", "cpu"], default="wall",
                         help="cpu: time by this process's CPU time (needs --threads 1), robust to other processes")
     parser.add_argument("--json", type=Path, default=None,
-                        help="results file (default docs/benchmarks.json; --quick: bench/results/quick.json)")
+                        help="results file (default docs/benchmarks_retmamba.json; --quick: bench/results/quick.json)")
     parser.add_argument("--plot", type=Path, default=None,
-                        help="PNG (default docs/figures/throughput_vs_context.png; --quick: bench/results/quick.png)")
+                        help="PNG (default docs/figures/retmamba_throughput_vs_context.png; "
+                             "--quick: bench/results/quick.png)")
     parser.add_argument("--max-foreign", type=float, default=None,
                         help="wait (up to --wait seconds) until other processes use less than this fraction "
                              "of the CPUs (e.g. 0.1), measured over 10 s")
@@ -429,9 +430,10 @@ def main(argv=None):
     args = parser.parse_args(argv)
 
     settings = dict(TINY if args.tiny else QUICK if args.quick else FULL)
-    default_json = ROOT / ("bench/results/quick.json" if (args.quick or args.tiny) else "docs/benchmarks.json")
+    default_json = ROOT / ("bench/results/quick.json" if (args.quick or args.tiny) else
+                           "docs/benchmarks_retmamba.json")
     default_png = ROOT / ("bench/results/quick.png" if (args.quick or args.tiny) else
-                          "docs/figures/throughput_vs_context.png")
+                          "docs/figures/retmamba_throughput_vs_context.png")
     json_path, png_path = args.json or default_json, args.plot or default_png
 
     if args.clock == "cpu" and args.threads != 1:
