@@ -405,6 +405,8 @@ def plot(results, settings, path: Path):
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="smaller shapes, fewer repeats (~3 min)")
+    parser.add_argument("--report", type=Path, default=None, metavar="JSON",
+                        help="print the tables of a saved results file and exit (nothing is run)")
     parser.add_argument("--tiny", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--size", default="small", choices=["tiny", "small", "base"], help="preset size")
     parser.add_argument("--sections", default="train,decode,breakdown,kernels",
@@ -429,6 +431,11 @@ def main(argv=None):
                              "more than this fraction of the CPUs (default with --max-foreign: max(0.25, it))")
     args = parser.parse_args(argv)
 
+    if args.report is not None:
+        results = json.loads(args.report.read_text())
+        summarize(results, results["meta"]["settings"])
+        print_tables(results, results["meta"]["settings"])
+        return results
     settings = dict(TINY if args.tiny else QUICK if args.quick else FULL)
     default_json = ROOT / ("bench/results/quick.json" if (args.quick or args.tiny) else
                            "docs/benchmarks_retmamba.json")
