@@ -125,10 +125,11 @@ def test_each_block_depends_on_earlier_blocks_only_through_the_capsule():
     assert (out[:, 2 * K + 1] - base[:, 2 * K + 1]).abs().max() > 1e-3
 
 
-@pytest.mark.parametrize("preset, K", [("tiny", 4), ("tiny", 16), ("tiny", 1), ("tiny-lstm", 3)])
+@pytest.mark.parametrize("preset, K, first", [("tiny", 4, "start"), ("tiny", 16, "start"), ("tiny", 1, "start"),
+                                               ("tiny-lstm", 3, "start"), ("tiny", 5, "previous_token")])
 @torch.no_grad()
-def test_token_by_token_and_every_chunking_equal_the_full_forward(preset, K):
-    model = tiny(preset, block_size=K)
+def test_token_by_token_and_every_chunking_equal_the_full_forward(preset, K, first):
+    model = tiny(preset, block_size=K, decoder_first_input=first)
     ids = ids_for(model, batch=2, length=2 * K + 5)
     full = model(ids).logits
     assert full.std(1).mean() > 0.5  # the logits really move with the context
@@ -358,3 +359,25 @@ def test_latent_loss_mse_cosine_and_energy_score():
                           for i in range(S) for j in range(S) if i != j) / (S * (S - 1))
             score = score + 2 * to_y - between
     torch.testing.assert_close(out["loss"], score / 6, atol=1e-4, rtol=1e-4)
+
+
+@torch.no_grad()
+def test_previous_token_variant_reads_the_last_token_of_the_previous_block():
+    """decoder_first_input="previous_token": step 0 of block b reads token bK - 1, so the first
+    token of a block depends on the token before it directly, and stage 1 decodes the same way."""
+    K = 4
+    model = tiny(block_size=K, decoder_first_input="previous_token")
+    ids = ids_for(model, length=3 * K)
+    m = model.model
+    x = m.embed_tokens(ids)
+    caps = m.encode_capsules(ids)
+    previous = torch.cat([m.decoder.start_input.expand(1, 1, -1), x[:, K - 1 : -1 : K]], 1).reshape(3, -1)
+    logits = model.decode_blocks(caps.reshape(3, -1), x.view(3, K, -1), previous)
+    out = model.autoencoder_loss(ids)
+    expected = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), ids.reshape(-1))
+    torch.testing.assert_close(out["loss"], expected)
+    start = HMTRForCausalLM(HMTRConfig.from_preset("tiny", block_size=K))
+    start.load_state_dict(model.state_dict())
+    a, b = model(ids).logits, start.eval()(ids).logits
+    torch.testing.assert_close(a[:, : K - 1], b[:, : K - 1])  # block 0: the start vector in both
+    assert (a[:, K - 1] - b[:, K - 1]).abs().max() > 1e-3  # block 1, step 0: token K - 1 vs the start

@@ -159,7 +159,7 @@ def test_stage_one_learns_to_reconstruct(char_tokenizer, small_corpus):
         opt.zero_grad()
         out["loss"].backward()
         opt.step()
-    assert float(out["loss"]) < first - 1.5
+    assert out["loss"].item() < first - 1.5
     assert model.model.reasoner.start_capsule.grad is None  # frozen in stage 1
 
 
@@ -199,7 +199,18 @@ def test_encoder_initialised_from_a_transformers_mamba_computes_its_hidden_state
 def test_cli_runs_stages_and_names_what_is_missing(tmp_path):
     from strata.cli import main
 
-    with pytest.raises(SystemExit, match="init_from"):
+    with pytest.raises(SystemExit, match="stage-1 folder"):
         main(["train", "--arch", "hmtr", "--stage", "2", "--output-dir", str(tmp_path / "x")])
     with pytest.raises(SystemExit, match="--arch hmtr"):
         main(["train", "--arch", "retmamba", "--stage", "1"])
+
+
+def test_variational_energy_preset_runs_stages_one_and_two(char_tokenizer, small_corpus, tmp_path):
+    tok_dir = tmp_path / "tok"
+    char_tokenizer.save_pretrained(tok_dir)
+    common = dict(corpus=small_corpus, seq_len=16, batch_size=4, max_steps=2, logging_steps=1, eval_max_windows=4,
+                  progress=False, use_cpu=True)
+    one = train_hmtr_stage(1, tmp_path / "v1", preset="tiny-lstm", tokenizer=str(tok_dir), **common)
+    assert one.model.config.capsule == "variational" and one.model.config.loss == "energy"
+    two = train_hmtr_stage(2, tmp_path / "v2", init_from=tmp_path / "v1", **common)
+    assert torch.isfinite(torch.tensor(two.metrics["train_loss"])) and "eval_bpc" in two.metrics

@@ -34,13 +34,16 @@ from strata.configuration.configuration_common import (
 CAPSULE_KINDS = ("deterministic", "variational")
 LATENT_LOSSES = ("mse", "energy")
 DECODER_CELLS = ("gru", "lstm")
+DECODER_FIRST_INPUTS = ("start", "previous_token")
 
 _TINY = dict(
     vocab_size=512, hidden_size=64, encoder_layers=1, state_size=8, chunk_size=16, reasoner_layers=2,
     num_attention_heads=2, intermediate_size=128, decoder_layers=1, decoder_hidden_size=64,
 )
+# The encoder only has to summarise recent text (the reasoner carries the long context):
+# expansion 1 and state 8 make it 4x cheaper than a Mamba LM block of the same width.
 _SMALL = dict(
-    hidden_size=256, encoder_layers=2, state_size=16, reasoner_layers=4, num_attention_heads=4,
+    hidden_size=256, encoder_layers=2, state_size=8, expand=1, reasoner_layers=4, num_attention_heads=4,
     intermediate_size=704, decoder_layers=1, decoder_hidden_size=256,
 )
 _BASE = dict(
@@ -102,6 +105,10 @@ class HMTRConfig(StrataConfigMixin, PretrainedConfig):
         decoder_capsule_input: when True (default) the predicted capsule also enters the input
             gates of the decoder's first cell at every step of its block, not only its
             initial state.
+        decoder_first_input: what step 0 of a block reads: ``"start"`` (default, the seed: a
+            learned block-start vector, so a block's tokens are predicted from the capsule and the
+            block's own earlier tokens only) or ``"previous_token"`` (the last token of the
+            previous block; block 0 reads the start vector). Both keep the model an exact LM.
         num_hidden_layers: derived (encoder + reasoner + decoder layers); a different value is
             refused.
     """
@@ -146,6 +153,7 @@ class HMTRConfig(StrataConfigMixin, PretrainedConfig):
         decoder_hidden_size: int | None = None,
         decoder_cell: str = "gru",
         decoder_capsule_input: bool = True,
+        decoder_first_input: str = "start",
         num_hidden_layers: int | None = None,
         rms_norm_eps: float = 1e-6,
         initializer_range: float = 0.02,
@@ -213,6 +221,7 @@ class HMTRConfig(StrataConfigMixin, PretrainedConfig):
         check_int("decoder_hidden_size", decoder_hidden_size, 1)
         check_choice("decoder_cell", decoder_cell, DECODER_CELLS)
         check_choice("decoder_capsule_input", decoder_capsule_input, (True, False))
+        check_choice("decoder_first_input", decoder_first_input, DECODER_FIRST_INPUTS)
         derived = encoder_layers + reasoner_layers + decoder_layers
         if num_hidden_layers is not None and num_hidden_layers != derived:
             raise ValueError(
@@ -258,6 +267,7 @@ class HMTRConfig(StrataConfigMixin, PretrainedConfig):
         self.decoder_hidden_size = decoder_hidden_size
         self.decoder_cell = decoder_cell
         self.decoder_capsule_input = decoder_capsule_input
+        self.decoder_first_input = decoder_first_input
         self.num_hidden_layers = derived
         self.rms_norm_eps = rms_norm_eps
         self.initializer_range = initializer_range

@@ -215,7 +215,8 @@ class HMTRDecoder(nn.Module):
         d, hd, L = config.hidden_size, config.decoder_hidden_size, config.decoder_layers
         self.num_layers, self.hidden_size = L, hd
         self.lstm = config.decoder_cell == "lstm"
-        self.start_input = nn.Parameter(torch.zeros(d))  # the input of step 0 of every block
+        self.start_input = nn.Parameter(torch.zeros(d))  # the input of step 0 of every block (of block 0)
+        self.first_input_is_previous_token = config.decoder_first_input == "previous_token"
         self.cells = nn.ModuleList(
             HMTRDecoderCell(d if l == 0 else hd, hd, config.decoder_cell) for l in range(L)
         )
@@ -410,6 +411,11 @@ class HMTRModel(HMTRPreTrainedModel):
         K = config.block_size
         D = config.hidden_size
 
+        if (T == 1 and state is not None and (token_mask is None or bool(token_mask.all()))
+                and not bool(((state[COUNT] + 1) % K == 0).any())):
+            hidden = self._decoder_step(x, state, cache)  # inside a block: the decoder alone
+            return BaseModelOutputWithPast(last_hidden_state=hidden, past_key_values=cache,
+                                           hidden_states=(x, hidden) if output_hidden_states else None)
         real = torch.ones(B, T, dtype=torch.bool, device=device) if token_mask is None else token_mask.bool()
         fresh = state is None
         count = torch.zeros(B, dtype=torch.long, device=device) if fresh else state[COUNT]
@@ -505,7 +511,10 @@ class HMTRModel(HMTRPreTrainedModel):
 
         flat = (torch.arange(B, device=device)[:, None] * n_seg + seg) * K + step  # canvas cell of each token
         flat = torch.where(real, flat, N * K)  # padding goes to a scratch cell
-        inputs = torch.where((step == 0)[:, :, None], dec.start_input.to(x.dtype), x)  # step 0 reads the start
+        if dec.first_input_is_previous_token:  # step 0 reads the last token of the previous block
+            inputs = x
+        else:  # step 0 reads the block-start vector
+            inputs = torch.where((step == 0)[:, :, None], dec.start_input.to(x.dtype), x)
         gates = dec.input_gates(inputs)  # (B, T, G)
         G = gates.shape[-1]
         canvas = gates.new_zeros(N * K + 1, G).index_put((flat.reshape(-1),), gates.reshape(-1, G))
@@ -550,6 +559,28 @@ class HMTRModel(HMTRPreTrainedModel):
             cache.advance(T)
         hidden_states = (x, hidden) if output_hidden_states else None
         return BaseModelOutputWithPast(last_hidden_state=hidden, past_key_values=cache, hidden_states=hidden_states)
+
+
+    def _decoder_step(self, x, state: dict, cache: RecurrentCache):
+        """One real token per row that completes no block (the common decoding step): the
+        token waits in ``pending`` for the encoder; the decoder takes one step. Computes what
+        the general path computes for such a token, without building the block canvas."""
+        dec = self.decoder
+        gates = dec.input_gates(x[:, 0])
+        h, c = dec.step(gates, dec.capsule_bias(state[PROMPT_P]), state[DEC_H], state[DEC_C])
+        hidden = dec.output(h[-1])[:, None]
+        grad = torch.is_grad_enabled()
+        new_state = dict(state)
+        new_state.update({
+            COUNT: state[COUNT] + 1,
+            PENDING: torch.cat([state[PENDING], x.detach()], dim=1),
+            PENDING_MASK: torch.cat([state[PENDING_MASK], state[PENDING_MASK].new_ones(x.shape[0], 1)], dim=1),
+            DEC_H: [t.detach() if grad else t for t in h],
+            DEC_C: [t.detach() if grad else t for t in c] if dec.lstm else None,
+        })
+        self.write_state(cache, new_state)
+        cache.advance(1)
+        return hidden
 
 
 class HMTRForCausalLM(HMTRPreTrainedModel, BlockGenerationMixin):
@@ -643,7 +674,11 @@ class HMTRForCausalLM(HMTRPreTrainedModel, BlockGenerationMixin):
             kl = kl_dim.clamp(min=config.capsule_kl_clamp).sum(-1).mean()
         if self.training and config.capsule_dropout > 0:
             z = F.dropout(z, config.capsule_dropout, training=True)
-        logits = self.decode_blocks(z.reshape(B * nb, -1), x.view(B * nb, K, -1))
+        previous = None
+        if m.decoder.first_input_is_previous_token:  # block b's step 0 reads token bK - 1 (block 0: the start)
+            previous = torch.cat([m.decoder.start_input.to(x.dtype).expand(B, 1, -1), x[:, K - 1 : -1 : K]], 1)
+            previous = previous.reshape(B * nb, -1)
+        logits = self.decode_blocks(z.reshape(B * nb, -1), x.view(B * nb, K, -1), previous)
         targets = labels.view(B * nb, K)
         ce = F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), targets.reshape(-1), ignore_index=-100)
         scored = targets != -100
@@ -653,13 +688,16 @@ class HMTRForCausalLM(HMTRPreTrainedModel, BlockGenerationMixin):
         return {"loss": loss, "ce": ce.detach(), "kl": kl.detach(), "accuracy": correct.float() / n.clamp(min=1),
                 "correct": correct, "scored": n}
 
-    def decode_blocks(self, capsules: torch.Tensor, block_embeds: torch.Tensor) -> torch.Tensor:
+    def decode_blocks(self, capsules: torch.Tensor, block_embeds: torch.Tensor,
+                      previous: torch.Tensor | None = None) -> torch.Tensor:
         """Teacher-forced logits (N, K, V) of blocks whose token embeddings are ``block_embeds``
-        (N, K, D), each decoded from a capsule (N, D): step s reads the block-start vector (s = 0)
-        or token s - 1 and predicts token s."""
+        (N, K, D), each decoded from a capsule (N, D): step s reads token s - 1 and predicts token
+        s; step 0 reads the block-start vector, or with ``decoder_first_input="previous_token"``
+        ``previous`` (N, D), the embedding of the token before the block."""
         dec = self.model.decoder
         N, K, D = block_embeds.shape
-        inputs = torch.cat([dec.start_input.to(block_embeds.dtype).expand(N, 1, D), block_embeds[:, :-1]], dim=1)
+        first = dec.start_input.to(block_embeds.dtype).expand(N, 1, D) if previous is None else previous[:, None]
+        inputs = torch.cat([first, block_embeds[:, :-1]], dim=1)
         h, c = dec.initial_state(capsules)
         outs, _, _ = dec.run(dec.input_gates(inputs), dec.capsule_bias(capsules), h, c)
         return self.lm_head(dec.output(outs))

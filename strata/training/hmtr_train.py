@@ -291,8 +291,10 @@ def train_hmtr_stage(
     """Run one stage of the curriculum and write a Hub-ready folder to ``output_dir``.
 
     Stage 1 builds ``preset`` (with ``config_overrides``, e.g. ``{"block_size": 4}``) and a
-    tokenizer unless ``init_from`` names a folder; stages 2 and 3 require ``init_from`` (the
-    previous stage's folder) and take model, tokenizer and block size from it.
+    tokenizer unless ``init_from`` names a folder; stage 2 requires ``init_from`` (the stage-1
+    folder), stage 3 normally starts from the stage-2 folder and takes model, tokenizer and
+    block size from it (without ``init_from`` it trains a new model jointly from scratch: the
+    no-curriculum ablation).
     """
     if stage not in STAGES:
         raise ValueError(f"`stage` must be one of {STAGES}, got {stage!r}")
@@ -301,11 +303,11 @@ def train_hmtr_stage(
             raise ValueError(f"`{name}` must be a positive integer, got {value!r}")
     if lr is not None and not lr > 0:
         raise ValueError(f"`lr` must be > 0, got {lr}")
-    if stage > 1 and init_from is None:
-        raise ValueError(f"stage {stage} starts from the previous stage's saved folder: pass `init_from`")
-    if stage > 1 and config_overrides:
-        raise ValueError(f"stage {stage} keeps the architecture of `init_from`; `config_overrides` "
-                         f"({sorted(config_overrides)}) apply to stage 1 only")
+    if stage == 2 and init_from is None:
+        raise ValueError("stage 2 starts from the stage-1 folder (its frozen encoder and decoder): pass `init_from`")
+    if init_from is not None and config_overrides:
+        raise ValueError(f"a run from `init_from` keeps its architecture; `config_overrides` "
+                         f"({sorted(config_overrides)}) apply to a new model only")
     if push_to_hub:
         hub_model_id = hub_model_id or Path(output_dir).resolve().name
         check_push_possible(hub_model_id)
@@ -334,8 +336,10 @@ def train_hmtr_stage(
         if not _capsules_ready(cap_folder, model):
             if progress:
                 print(f"precomputing capsules with the frozen encoder into {cap_folder} ...", flush=True)
+            t0 = time.monotonic()
             for split, windows in (("train", data.train), ("validation", data.validation)):
                 precompute_capsules(model, windows, cap_folder, split, progress=progress)
+            extra["precompute_s"] = time.monotonic() - t0
         train_set = load_capsules(cap_folder, model, "train")
         extra["capsules"] = load_capsules(cap_folder, model, "validation")
 
@@ -369,6 +373,8 @@ def train_hmtr_stage(
         "train_runtime_s": float(train_output.metrics.get("train_runtime", 0.0)),
         "parameters": int(sum(p.numel() for p in model.parameters())),
     }
+    if "precompute_s" in extra:
+        metrics["capsule_precompute_s"] = float(extra["precompute_s"])
     model.eval()
     if stage == 1:
         metrics.update(reconstruction_metrics(model, data.validation, max_windows=eval_max_windows))
