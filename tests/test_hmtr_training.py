@@ -214,3 +214,11 @@ def test_variational_energy_preset_runs_stages_one_and_two(char_tokenizer, small
     assert one.model.config.capsule == "variational" and one.model.config.loss == "energy"
     two = train_hmtr_stage(2, tmp_path / "v2", init_from=tmp_path / "v1", **common)
     assert torch.isfinite(torch.tensor(two.metrics["train_loss"])) and "eval_bpc" in two.metrics
+
+
+def test_push_is_checked_before_any_training(tmp_path):
+    with pytest.raises(SystemExit, match="invalid Hub repo id"):
+        train_hmtr_stage(1, tmp_path / "p", preset="tiny", push_to_hub=True, hub_model_id="not a repo id!", progress=False)
+    with pytest.raises(SystemExit, match="offline mode"):  # the suite runs with HF_HUB_OFFLINE=1
+        train_hmtr_stage(1, tmp_path / "p", preset="tiny", push_to_hub=True, hub_model_id="me/hmtr", progress=False)
+    assert not (tmp_path / "p").exists()
