@@ -1,21 +1,30 @@
 """strata benchmarks (foundation issue, section 5): strata presets against Llama and HF Mamba.
 
-    .venv/bin/python bench/run_all.py            # full run (~10-15 min on 2 CPU cores)
+    .venv/bin/python bench/run_all.py            # full run (~7 min on 2 quiet CPU cores)
+    .venv/bin/python bench/run_all.py --max-foreign 0.1 --rerun-above 0.1 --wait 3600
+                                                 # the same, on a machine shared with others
     .venv/bin/python bench/run_all.py --quick    # smaller shapes and fewer repeats (~3 min)
+    .venv/bin/python bench/run_all.py --threads 1 --clock cpu --json ... --plot ...
+                                                 # one thread, this process's CPU time
+    .venv/bin/python bench/run_all.py --report docs/benchmarks_retmamba.json
 
-Everything runs in one process, on the same shapes, with torch.set_num_threads(2):
+Everything runs in one process, on the same shapes, with torch.set_num_threads(2), the
+models of each comparison timed round-robin (see bench/harness.py):
 
 1. training tokens/s (forward + backward + AdamW) and peak RSS of a step, every
-   strata ``-small`` preset against ``LlamaForCausalLM`` at matched width/depth;
-   HF ``MambaForCausalLM`` (sequential scan on CPU) on a shorter sequence, with strata's
-   ``mamba`` preset timed again on that same shape;
+   strata ``-small`` preset against ``LlamaForCausalLM`` at matched width/depth; HF
+   ``MambaForCausalLM`` (a Python loop over positions on CPU: a few steps only) against
+   strata's ``mamba`` preset at the same shape and at batch 1;
 2. greedy decoding after prompts of 256 .. 16k tokens (batch 1): per-token latency and
    tokens/s of strata's block ``generate``, of the plain Transformers loop on the same
    model (``custom_generate=GenerationMixin._sample``, prompts 256 and 4096) and of
    Llama's / HF Mamba's own ``generate``; prefill tokens/s; cache size in bytes; peak
    RSS during prefill and decoding;
-3. a table of ratios and of the targets, a JSON file with every number and a PNG of
-   throughput and memory against context length.
+3. where a decoded token's time goes (weights, forward, loop), on the -small and -tiny
+   presets, and the share of a training step spent in each strata kernel;
+4. tables of ratios and of the targets (printed, and kept in the JSON with every
+   number: docs/benchmarks_retmamba.json) and a PNG of throughput and cache size against
+   context length (docs/figures/retmamba_throughput_vs_context.png).
 """
 
 from __future__ import annotations
