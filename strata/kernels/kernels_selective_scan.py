@@ -38,6 +38,7 @@ import torch.nn.functional as F
 from strata.kernels.kernels_dispatch import check_chunk_size
 from strata.kernels.kernels_dispatch import check_tensor
 from strata.kernels.kernels_dispatch import compute_dtype
+from strata.kernels.kernels_dispatch import gpu_form
 from strata.kernels.kernels_dispatch import resolve_backend
 
 # Largest exponent span R allowed inside one chunk (the factors stay within exp(+-R/2)).
@@ -236,9 +237,16 @@ def selective_scan_chunked(
     return (y, h) if return_final_state else y
 
 
-def selective_state_update(state, x, dt, A, B, C, D=None, z=None, dt_bias=None, dt_softplus=True):
-    """One token: state [B, D, N]; x, dt, z [B, D]; B, C [B, N]. Returns (y, new_state)."""
+def selective_state_update(state, x, dt, A, B, C, D=None, z=None, dt_bias=None, dt_softplus=True, backend=None):
+    """One token: state [B, D, N]; x, dt, z [B, D]; B, C [B, N]. Returns (y, new_state).
+
+    backend: "torch" (this function, the reference step) | "triton" | "mamba_ssm";
+    chosen like ``selective_scan``'s.
+    """
     op = "selective_state_update"
+    name = resolve_backend(op, backend, x.device if isinstance(x, torch.Tensor) else None)
+    if name != "torch":
+        return gpu_form(op, name)(state, x, dt, A, B, C, D, z, dt_bias, dt_softplus)
     check_tensor(op, "x", x, (None, None), "[B, D]")
     batch, dim = x.shape
     check_tensor(op, "A", A, (dim, None), "[D, N]")
@@ -278,14 +286,16 @@ def selective_scan(
 ):
     """Selective scan with the backend chosen by ``backend``, $STRATA_KERNEL_BACKEND or default.
 
-    backend: "ref" (sequential) | "torch" (chunked, default). ``chunk_size`` is used by
-    the chunked form only.
+    backend: "ref" (sequential) | "torch" (chunked, default on CPU) | "triton" (default on
+    CUDA) | "mamba_ssm". ``chunk_size`` is the chunk length of the chunked form and the
+    checkpoint interval of the Triton form.
     """
     name = resolve_backend("selective_scan", backend, u.device if isinstance(u, torch.Tensor) else None)
     kwargs = dict(
         D=D, z=z, delta_bias=delta_bias, delta_softplus=delta_softplus,
         initial_state=initial_state, return_final_state=return_final_state,
     )
-    if name == "torch":
+    if name in ("torch", "triton"):
         kwargs["chunk_size"] = chunk_size
-    return _FORMS[name](u, delta, A, B, C, **kwargs)
+    form = _FORMS[name] if name in _FORMS else gpu_form("selective_scan", name)
+    return form(u, delta, A, B, C, **kwargs)
