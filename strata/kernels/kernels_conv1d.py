@@ -7,6 +7,10 @@ x [B, D, L], weight [D, W], bias [D] | None; the conv state is the last W-1 inpu
 
 where positions before the sequence read from ``initial_state`` (or zeros);
 activation "silu" applies silu(y). Output and state keep x's dtype.
+
+``causal_conv1d`` / ``causal_conv1d_update`` dispatch (kernels_dispatch.py) to the
+tap-by-tap reference, the F.conv1d form (default on CPU), the Triton kernels
+(kernels_triton_conv1d.py, default on CUDA) or the causal-conv1d package.
 """
 
 from __future__ import annotations
@@ -15,6 +19,8 @@ import torch
 import torch.nn.functional as F
 
 from strata.kernels.kernels_dispatch import check_tensor
+from strata.kernels.kernels_dispatch import gpu_form
+from strata.kernels.kernels_dispatch import resolve_backend
 
 _ACTIVATIONS = (None, "silu", "swish")
 
@@ -61,7 +67,7 @@ def causal_conv1d_ref(x, weight, bias=None, initial_state=None, activation=None,
     return (y, final_state) if return_final_state else y
 
 
-def causal_conv1d(x, weight, bias=None, initial_state=None, activation=None, return_final_state=False):
+def causal_conv1d_torch(x, weight, bias=None, initial_state=None, activation=None, return_final_state=False):
     """F.conv1d with groups=D on the input left-padded by the state (or zeros)."""
     _check_conv_args("causal_conv1d", x, weight, bias, initial_state, activation)
     dim, width = weight.shape
@@ -74,7 +80,7 @@ def causal_conv1d(x, weight, bias=None, initial_state=None, activation=None, ret
     return y, xp[:, :, xp.shape[-1] - (width - 1):]
 
 
-def causal_conv1d_update(x, conv_state, weight, bias=None, activation=None):
+def causal_conv1d_update_torch(x, conv_state, weight, bias=None, activation=None):
     """One token: x [B, D], conv_state [B, D, W-1]. Returns (y [B, D], new_conv_state)."""
     op = "causal_conv1d_update"
     check_tensor(op, "x", x, (None, None), "[B, D]")
@@ -91,3 +97,25 @@ def causal_conv1d_update(x, conv_state, weight, bias=None, activation=None):
     if bias is not None:
         y = y + bias.to(x.dtype)
     return _activate(y, activation), window[:, :, 1:]
+
+
+def _device(t):
+    return t.device if isinstance(t, torch.Tensor) else None
+
+
+def causal_conv1d(x, weight, bias=None, initial_state=None, activation=None, return_final_state=False, backend=None):
+    """Causal conv1d with the backend chosen by ``backend``, $STRATA_KERNEL_BACKEND or the device.
+
+    backend: "ref" | "torch" (F.conv1d, default on CPU) | "triton" (default on CUDA) | "mamba_ssm".
+    """
+    name = resolve_backend("causal_conv1d", backend, _device(x))
+    forms = {"ref": causal_conv1d_ref, "torch": causal_conv1d_torch}
+    form = forms[name] if name in forms else gpu_form("causal_conv1d", name)
+    return form(x, weight, bias, initial_state, activation, return_final_state)
+
+
+def causal_conv1d_update(x, conv_state, weight, bias=None, activation=None, backend=None):
+    """One token with the backend chosen like ``causal_conv1d``'s ("torch" is the reference step)."""
+    name = resolve_backend("causal_conv1d_update", backend, _device(x))
+    form = causal_conv1d_update_torch if name == "torch" else gpu_form("causal_conv1d_update", name)
+    return form(x, conv_state, weight, bias, activation)
