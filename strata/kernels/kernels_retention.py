@@ -25,6 +25,7 @@ import torch.nn.functional as F
 from strata.kernels.kernels_dispatch import check_chunk_size
 from strata.kernels.kernels_dispatch import check_tensor
 from strata.kernels.kernels_dispatch import compute_dtype
+from strata.kernels.kernels_dispatch import gpu_form
 from strata.kernels.kernels_dispatch import resolve_backend
 
 
@@ -188,11 +189,12 @@ _FORMS = {"ref": retention_ref, "parallel": retention_parallel, "chunked": reten
 def retention(q, k, v, log_decay, initial_state=None, scale=1.0, return_final_state=False, chunk_size=64, backend=None):
     """Retention with the backend chosen by ``backend``, $STRATA_KERNEL_BACKEND or default.
 
-    backend: "ref" (recurrent) | "parallel" | "chunked" (default; "torch" is an alias).
-    ``chunk_size`` is used by the chunked form only.
+    backend: "ref" (recurrent) | "parallel" | "chunked" (default on CPU; "torch" is an
+    alias) | "triton" (default on CUDA). ``chunk_size`` is used by the chunked forms only.
     """
     name = resolve_backend("retention", backend, q.device if isinstance(q, torch.Tensor) else None)
     kwargs = dict(initial_state=initial_state, scale=scale, return_final_state=return_final_state)
-    if name == "chunked":
+    if name in ("chunked", "triton"):
         kwargs["chunk_size"] = chunk_size
-    return _FORMS[name](q, k, v, log_decay, **kwargs)
+    form = _FORMS[name] if name in _FORMS else gpu_form("retention", name)
+    return form(q, k, v, log_decay, **kwargs)
