@@ -9,6 +9,7 @@ from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
 from strata.configuration.configuration_hmtr import HMTRConfig
 from strata.configuration.configuration_retmamba import RetMambaConfig
 from strata.configuration.configuration_thl import THLConfig
+from strata.configuration.configuration_tiny_onn import TinyONNConfig
 from strata.modeling.cache_recurrent import RecurrentCache
 from strata.modeling.generation_blocks import BlockGenerationMixin
 from strata.modeling.modeling_hmtr import (
@@ -26,6 +27,11 @@ from strata.modeling.modeling_thl import (
     THLForCausalLM,
     THLModel,
 )
+from strata.modeling.modeling_tiny_onn import (
+    LORA_TARGET_MODULES as TINY_ONN_LORA_TARGET_MODULES,
+    TinyONNForCausalLM,
+    TinyONNModel,
+)
 from strata.tokenization import CharWordTokenizer, register_tokenizer
 
 __version__ = "0.1.0"
@@ -35,6 +41,7 @@ ARCHITECTURES = {
     RetMambaConfig.model_type: (RetMambaConfig, RetMambaModel, RetMambaForCausalLM, RETMAMBA_LORA_TARGET_MODULES),
     THLConfig.model_type: (THLConfig, THLModel, THLForCausalLM, THL_LORA_TARGET_MODULES),
     HMTRConfig.model_type: (HMTRConfig, HMTRModel, HMTRForCausalLM, HMTR_LORA_TARGET_MODULES),
+    TinyONNConfig.model_type: (TinyONNConfig, TinyONNModel, TinyONNForCausalLM, TINY_ONN_LORA_TARGET_MODULES),
 }
 
 
@@ -67,5 +74,8 @@ __all__ = [
     "THLConfig",
     "THLForCausalLM",
     "THLModel",
+    "TinyONNConfig",
+    "TinyONNForCausalLM",
+    "TinyONNModel",
     "lora_target_modules",
 ]

@@ -18,10 +18,11 @@ CASES = [
     ("thl", "tiny-stale"),
     ("hmtr", "tiny"),
     ("hmtr", "tiny-lstm"),
+    ("tiny_onn", "tiny"),
 ]
 
 # One representative per architecture for the slower checks.
-MAIN_CASES = [("retmamba", "tiny"), ("thl", "tiny"), ("hmtr", "tiny")]
+MAIN_CASES = [("retmamba", "tiny"), ("thl", "tiny"), ("hmtr", "tiny"), ("tiny_onn", "tiny")]
 
 
 def case_id(case) -> str:

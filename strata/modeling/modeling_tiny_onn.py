@@ -1,0 +1,710 @@
+"""Tiny-ONN (seed 004): a dynamic-expert language model, one tower for text and patches.
+
+Data flow:
+
+    input_ids, word_token_ids -> char_embed + word_embed ----------------.
+    pixel_values (patches)    -> patch_embed, rotated by 2D RoPE (x, y) --+-> sequence
+    sequence -> blocks [RMSNorm, DynSIHA attention, RMSNorm, MoIE] -> RMSNorm -> lm_head
+
+- The 1D sequence position of every token (text or patch) is the rotary encoding of the
+  attention (RoPE; YaRN / linear scaling through the standard Transformers
+  ``rope_scaling`` dict, computed with ``transformers.modeling_rope_utils``).
+- ``ThresholdGate`` routes each token to a variable number of experts:
+  logits = cos(h, S) - sigmoid(g); active = logits > 0 (straight-through); a token with no
+  active expert falls back to its top-k_min experts; weights = softmax over the active ones.
+  DynSIHA uses it over a pool of attention heads, MoIE over many small feed-forward experts.
+  Every head / expert is computed densely (SDPA / einsum) and masked by its weight.
+- Gating runs outside activation checkpointing, the expert computation inside, so a
+  recomputation (bf16 or not) cannot flip a threshold decision.
+- Training (``labels`` given, grad enabled) adds the surprise routing loss and reports the
+  PI score (see ``TinyONNForCausalLM.routing_loss``).
+- All key/value state lives in the strata ``RecurrentCache`` (``cache.update``), so decoding
+  token by token equals one full forward pass, beam search reorders it, left padding works.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import NamedTuple, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import initialization as init
+from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
+from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+from strata.configuration.configuration_tiny_onn import TinyONNConfig
+from strata.modeling.generation_blocks import BlockGenerationMixin
+from strata.modeling.layers_common import RMSNorm, apply_rotary, causal_padding_mask, rotate_half
+from strata.modeling.modeling_common import StrataPreTrainedModel
+
+# PEFT LoRA targets: the projections of DynSIHA. MoIE experts are batched parameters
+# (E, D, F), not nn.Linear modules, so LoRA cannot wrap them.
+LORA_TARGET_MODULES = ["q_proj", "k_proj", "v_proj", "o_proj"]
+
+# Generation keeps the last characters of every row in the cache, to compute the word
+# ids of new characters (a word longer than this is cut).
+WORD_HISTORY = 32
+WORD_HISTORY_KEY = "word_history"
+
+
+# --------------------------------------------------------------------------- word ids
+def causal_word_token_ids(tokenizer, ids: Sequence[int], word_vocab: dict | None = None) -> list[int]:
+    """Word ids that a causal model may see: char t gets the word formed by the characters of
+    its word up to and including t (``"the"`` -> ids of "t", "th", "the"; ``<unk>`` when that
+    prefix is not a word). The last character of a word gets the whole word, as in
+    ``CharWordTokenizer(return_word_ids=True)``; earlier characters never see later ones.
+
+    This is exactly what generation can compute for a new character, so training with these
+    ids and generating with ``generate(..., tokenizer=tok)`` see the same kind of input.
+    """
+    ids = [int(i) for i in ids]
+    if not ids:
+        return []
+    enc = tokenizer.compute_word_ids(ids)
+    units, out = enc["word_ids"], list(enc["word_token_ids"])
+    vocab = word_vocab if word_vocab is not None else tokenizer.get_word_vocab()
+    unk = vocab.get("<unk>", 3)
+    t, n = 0, len(ids)
+    while t < n:
+        unit = units[t]
+        end = t
+        while end + 1 < n and units[end + 1] == unit:
+            end += 1
+        if unit >= 0 and end > t:
+            text = tokenizer.decode(ids[t : end + 1])
+            if len(text) == end - t + 1:  # one character per id: prefixes are slices
+                for k in range(t, end):
+                    out[k] = vocab.get(text[: k - t + 1], unk)
+            else:  # byte-fallback ids: decode every prefix
+                for k in range(t, end):
+                    out[k] = vocab.get(tokenizer.decode(ids[t : k + 1]), unk)
+        t = end + 1
+    return out
+
+
+# --------------------------------------------------------------------------- rotary
+class TinyONNRotaryEmbedding(nn.Module):
+    """cos/sin of the 1D sequence position; YaRN / linear scaling from ``config.rope_parameters``
+    through ``transformers.modeling_rope_utils.ROPE_INIT_FUNCTIONS`` (recomputed per call:
+    a handful of numbers, and no non-persistent buffer for ``from_pretrained`` to miss)."""
+
+    def __init__(self, config: TinyONNConfig):
+        super().__init__()
+        self.config = config
+
+    def frequencies(self, device) -> tuple[torch.Tensor, float]:
+        cfg = self.config
+        if cfg.rope_type == "default":
+            exponents = torch.arange(0, cfg.head_dim, 2, dtype=torch.float32, device=device) / cfg.head_dim
+            return 1.0 / (cfg.rope_theta**exponents), 1.0
+        inv_freq, attention_factor = ROPE_INIT_FUNCTIONS[cfg.rope_type](cfg, device)
+        return inv_freq.to(device=device, dtype=torch.float32), float(attention_factor)
+
+    @torch.no_grad()
+    def forward(self, position_ids: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        inv_freq, scale = self.frequencies(position_ids.device)
+        freqs = position_ids[..., None].float() * inv_freq  # (B, T, Dh/2)
+        emb = torch.cat([freqs, freqs], dim=-1)
+        return (emb.cos() * scale).to(dtype), (emb.sin() * scale).to(dtype)
+
+
+def rotate_2d(x: torch.Tensor, positions: torch.Tensor, theta: float) -> torch.Tensor:
+    """2D RoPE inside a patch embedding: x (B, N, D), positions (B, N, 2) = (x, y).
+
+    Channels [0, D/2) rotate by the x coordinate, [D/2, D) by the y coordinate, each half
+    with the rotate-half pairing of 1D RoPE and frequencies theta^(-2i/(D/2)).
+    """
+    half = x.shape[-1] // 2
+    exponents = torch.arange(0, half, 2, dtype=torch.float32, device=x.device) / half
+    inv_freq = 1.0 / (theta**exponents)  # (D/4,)
+    out = []
+    for axis in range(2):
+        part = x[..., axis * half : (axis + 1) * half]
+        freqs = positions[..., axis : axis + 1].float() * inv_freq  # (B, N, D/4)
+        emb = torch.cat([freqs, freqs], dim=-1)
+        out.append(part * emb.cos().to(x.dtype) + rotate_half(part) * emb.sin().to(x.dtype))
+    return torch.cat(out, dim=-1)
+
+
+def patchify(pixel_values: torch.Tensor, patch_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(B, C, H, W) images -> patches (B, N, C*p*p) in row-major order and their (x, y) (B, N, 2)."""
+    B, C, H, W = pixel_values.shape
+    p = patch_size
+    if H % p or W % p:
+        raise ValueError(f"image size {H}x{W} must be divisible by `patch_size` ({p})")
+    patches = pixel_values.reshape(B, C, H // p, p, W // p, p).permute(0, 2, 4, 1, 3, 5).reshape(B, -1, C * p * p)
+    ys, xs = torch.meshgrid(torch.arange(H // p), torch.arange(W // p), indexing="ij")
+    positions = torch.stack([xs.reshape(-1), ys.reshape(-1)], dim=-1).to(pixel_values.device)
+    return patches, positions[None].expand(B, -1, -1)
+
+
+# --------------------------------------------------------------------------- gating
+class Routing(NamedTuple):
+    logits: torch.Tensor  # (B, T, E) fp32, cos(h, S) - sigmoid(g), differentiable w.r.t. the gate
+    weights: torch.Tensor  # (B, T, E) softmax over active experts, straight-through mask
+    active: torch.Tensor  # (B, T, E) bool
+
+
+class ThresholdGate(nn.Module):
+    """logits = cos(h, S_e) - sigmoid(g_e); active = logits > 0, or top-k_min if none is.
+
+    ``eligible`` (persistent) marks the experts the top-k_min fallback may pick: experts added
+    by ``grow`` join it only once their own threshold has opened for some token in training,
+    so adding experts never changes what existing tokens compute.
+    """
+
+    def __init__(self, hidden_size: int, num_experts: int, k_min: int):
+        super().__init__()
+        self.keys = nn.Parameter(torch.empty(num_experts, hidden_size))
+        self.threshold = nn.Parameter(torch.empty(num_experts))
+        self.register_buffer("eligible", torch.ones(num_experts, dtype=torch.bool))
+        self.k_min = k_min
+        self.activation_counts: torch.Tensor | None = None  # tokens routed to each expert in training
+
+    @property
+    def num_experts(self) -> int:
+        return self.keys.shape[0]
+
+    def initial_threshold(self) -> float:
+        # sigmoid(g) = 1/sqrt(D): one standard deviation of cos(h, S) for a random key, so about
+        # a sixth of the experts open for a token at initialisation whatever the width.
+        tau = 1.0 / math.sqrt(self.keys.shape[1])
+        return math.log(tau / (1 - tau))
+
+    def forward(self, x: torch.Tensor) -> Routing:
+        logits = F.normalize(x.float(), dim=-1) @ F.normalize(self.keys.float(), dim=-1).T
+        logits = logits - torch.sigmoid(self.threshold.float())
+        by_threshold = logits > 0
+        k = min(self.k_min, self.num_experts)
+        ranked = logits.detach().masked_fill(~self.eligible, float("-inf"))
+        fallback = torch.zeros_like(by_threshold).scatter_(-1, ranked.topk(k, dim=-1).indices, True)
+        active = torch.where(by_threshold.any(-1, keepdim=True), by_threshold, fallback)
+        relu = F.relu(logits)
+        mask = relu + (active.float() - relu).detach()  # forward: 0/1, backward: d relu
+        weights = torch.softmax(logits.masked_fill(~active, float("-inf")), dim=-1) * mask
+        if self.training:
+            with torch.no_grad():
+                counts = active.flatten(0, -2).sum(0).float()
+                self.activation_counts = counts if self.activation_counts is None else self.activation_counts + counts
+                self.eligible |= by_threshold.flatten(0, -2).any(0)
+        return Routing(logits, weights.to(x.dtype), active)
+
+    @torch.no_grad()
+    def grow(self, n: int, threshold: float) -> None:
+        d = self.keys.shape[1]
+        new_keys = torch.randn(n, d, device=self.keys.device, dtype=self.keys.dtype)
+        self.keys = nn.Parameter(torch.cat([self.keys.data, new_keys]))
+        new_threshold = torch.full((n,), threshold, device=self.threshold.device, dtype=self.threshold.dtype)
+        self.threshold = nn.Parameter(torch.cat([self.threshold.data, new_threshold]))
+        self.eligible = torch.cat([self.eligible, torch.zeros(n, dtype=torch.bool, device=self.eligible.device)])
+        if self.activation_counts is not None:
+            self.activation_counts = torch.cat([self.activation_counts, self.activation_counts.new_zeros(n)])
+
+
+# --------------------------------------------------------------------------- DynSIHA
+class DynSIHAttention(nn.Module):
+    """Dynamic sparse-head attention: a pool of H heads; each token's output mixes the heads
+    its gate opened (weights), all heads computed densely with SDPA and masked."""
+
+    def __init__(self, config: TinyONNConfig, layer_idx: int):
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.num_heads, self.head_dim = config.num_attention_heads, config.head_dim
+        d, inner = config.hidden_size, config.num_attention_heads * config.head_dim
+        self.q_proj = nn.Linear(d, inner, bias=False)
+        self.k_proj = nn.Linear(d, inner, bias=False)
+        self.v_proj = nn.Linear(d, inner, bias=False)
+        self.o_proj = nn.Linear(inner, d, bias=False)
+        self.gate = ThresholdGate(d, config.num_attention_heads, config.min_active_heads)
+
+    def execute(self, x, weights, cos, sin, key_mask=None, cache=None):
+        """x (B, T, D), weights (B, T, H) -> output (B, T, D), routed head outputs u (B, T, H, Dh)."""
+        B, T, _ = x.shape
+        q = self.q_proj(x).view(B, T, self.num_heads, self.head_dim).transpose(1, 2)  # (B, H, T, Dh)
+        k = self.k_proj(x).view(B, T, self.num_heads, self.head_dim).transpose(1, 2)
+        v = self.v_proj(x).view(B, T, self.num_heads, self.head_dim).transpose(1, 2)
+        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        if cache is not None:
+            k, v = cache.update(k, v, self.layer_idx)
+        mask = causal_padding_mask(key_mask, T, k.shape[2], x.device)
+        o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None and T > 1)
+        u = o.transpose(1, 2) * weights[..., None]  # (B, T, H, Dh)
+        return self.o_proj(u.reshape(B, T, -1)), u
+
+
+# --------------------------------------------------------------------------- MoIE
+class MoIEFeedForward(nn.Module):
+    """Mixture of many small experts (x -> SiLU(x W_in_e) W_out_e), computed densely with einsum
+    and mixed by the threshold gate's weights."""
+
+    def __init__(self, config: TinyONNConfig):
+        super().__init__()
+        d, e, f = config.hidden_size, config.num_experts, config.expert_size
+        self.w_in = nn.Parameter(torch.empty(e, d, f))
+        self.w_out = nn.Parameter(torch.empty(e, f, d))
+        self.gate = ThresholdGate(d, e, config.min_active_experts)
+        self.initializer_range = config.initializer_range
+
+    def execute(self, x, weights):
+        """x (B, T, D), weights (B, T, E) -> output (B, T, D), routed expert hiddens u (B, T, E, F)."""
+        h = F.silu(torch.einsum("btd,edf->btef", x, self.w_in))
+        u = h * weights[..., None]
+        return torch.einsum("btef,efd->btd", u, self.w_out), u
+
+    @torch.no_grad()
+    def grow(self, n: int, threshold: float) -> None:
+        """Append n experts: random input matrix, zero output matrix, gate closed (threshold g)."""
+        _, d, f = self.w_in.shape
+        w_in = torch.randn(n, d, f, device=self.w_in.device, dtype=self.w_in.dtype) * self.initializer_range
+        self.w_in = nn.Parameter(torch.cat([self.w_in.data, w_in]))
+        self.w_out = nn.Parameter(torch.cat([self.w_out.data, self.w_out.new_zeros(n, f, d)]))
+        self.gate.grow(n, threshold)
+
+    @torch.no_grad()
+    def reinit_dead(self, min_count: float = 0.0) -> int:
+        """Re-initialise the experts routed at most ``min_count`` tokens since the last call
+        (fresh weights, key and threshold); reset the counts. Returns how many."""
+        counts = self.gate.activation_counts
+        if counts is None:
+            return 0
+        dead = counts <= min_count
+        n = int(dead.sum())
+        if n:
+            std = self.initializer_range
+            self.w_in[dead] = torch.randn_like(self.w_in[dead]) * std
+            self.w_out[dead] = torch.randn_like(self.w_out[dead]) * std
+            self.gate.keys[dead] = torch.randn_like(self.gate.keys[dead])
+            self.gate.threshold[dead] = self.gate.initial_threshold()
+        self.gate.activation_counts = None
+        return n
+
+
+# --------------------------------------------------------------------------- block
+class RoutingRecord(NamedTuple):
+    routing: Routing
+    u: torch.Tensor  # routed outputs of every expert, (B, T, E, ...)
+
+
+class TinyONNBlock(nn.Module):
+    """Pre-norm block: h += DynSIHA(norm(h)); h += MoIE(norm(h)).
+
+    Activation checkpointing wraps only ``execute`` of each sub-layer: the gates run outside,
+    their (weights) enter the checkpointed function as inputs, so recomputation reuses them.
+    """
+
+    gradient_checkpointing = False
+
+    def __init__(self, config: TinyONNConfig, layer_idx: int):
+        super().__init__()
+        self.attn_norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.attn = DynSIHAttention(config, layer_idx)
+        self.mlp_norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.moie = MoIEFeedForward(config)
+
+    def forward(self, h, rope, key_mask=None, cache=None, records: list | None = None):
+        cos, sin = rope
+        checkpoint = self.gradient_checkpointing and self.training and cache is None and torch.is_grad_enabled()
+        x = self.attn_norm(h)
+        route = self.attn.gate(x)
+        if checkpoint:
+            y, u = self._gradient_checkpointing_func(self.attn.execute, x, route.weights, cos, sin, key_mask)
+        else:
+            y, u = self.attn.execute(x, route.weights, cos, sin, key_mask, cache)
+        if records is not None:
+            records.append(RoutingRecord(route, u))
+        h = h + y
+        x = self.mlp_norm(h)
+        route = self.moie.gate(x)
+        if checkpoint:
+            y, u = self._gradient_checkpointing_func(self.moie.execute, x, route.weights)
+        else:
+            y, u = self.moie.execute(x, route.weights)
+        if records is not None:
+            records.append(RoutingRecord(route, u))
+        return h + y
+
+
+# --------------------------------------------------------------------------- outputs
+@dataclass
+class TinyONNModelOutput(BaseModelOutputWithPast):
+    """Also: ``routing`` (one RoutingRecord per gated sub-layer: attention, MoIE, attention, ...;
+    only in training with labels) and the mean fraction of heads / experts active per
+    (non-padding) token, averaged over blocks."""
+
+    routing: list | None = None
+    head_active_fraction: torch.Tensor | None = None
+    expert_active_fraction: torch.Tensor | None = None
+
+
+@dataclass
+class TinyONNCausalLMOutput(CausalLMOutputWithPast):
+    """``loss`` has the value of ``main_loss`` (the language-model loss); in training its gradient
+    also carries ``w_gate * grad gate_loss`` (the surprise routing loss, reported apart)."""
+
+    main_loss: torch.Tensor | None = None
+    gate_loss: torch.Tensor | None = None
+    surprise: torch.Tensor | None = None
+    output_entropy: torch.Tensor | None = None
+    pi_score: torch.Tensor | None = None
+    head_active_fraction: torch.Tensor | None = None
+    expert_active_fraction: torch.Tensor | None = None
+
+
+# --------------------------------------------------------------------------- models
+class TinyONNPreTrainedModel(StrataPreTrainedModel):
+    config_class = TinyONNConfig
+    config: TinyONNConfig
+    base_model_prefix = "model"
+    _no_split_modules = ["TinyONNBlock"]
+    _auto_map_classes = {"AutoModel": "TinyONNModel", "AutoModelForCausalLM": "TinyONNForCausalLM"}
+
+    @torch.no_grad()
+    def _init_weights(self, module):
+        super()._init_weights(module)
+        std = self.config.initializer_range
+        if isinstance(module, ThresholdGate):
+            init.normal_(module.keys, std=1.0)
+            init.constant_(module.threshold, module.initial_threshold())
+            init.ones_(module.eligible)
+        elif isinstance(module, MoIEFeedForward):
+            init.normal_(module.w_in, std=std)
+            init.normal_(module.w_out, std=std)
+        elif isinstance(module, TinyONNModel) and module.word_embed is not None:
+            # The word term starts at zero: a fresh model is the character model, and the word
+            # embedding grows from its gradient (which does not depend on its value).
+            init.zeros_(module.word_embed.weight)
+
+
+class TinyONNModel(TinyONNPreTrainedModel):
+    def __init__(self, config: TinyONNConfig):
+        super().__init__(config)
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size, padding_idx=config.pad_token_id)
+        self.word_embed = (
+            nn.Embedding(config.word_vocab_size, config.hidden_size) if config.word_vocab_size else None
+        )
+        self.patch_embed = nn.Linear(config.patch_dim, config.hidden_size, bias=True)
+        self.layers = nn.ModuleList(TinyONNBlock(config, i) for i in range(config.num_hidden_layers))
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.rotary = TinyONNRotaryEmbedding(config)
+        self.gradient_checkpointing = False
+        # Set by TinyONNForCausalLM.generate(tokenizer=...): word ids of new characters.
+        self.word_tokenizer = None
+        self.prompt_word_token_ids: torch.Tensor | None = None
+        self.post_init()
+
+    def get_input_embeddings(self):
+        return self.embed_tokens
+
+    def set_input_embeddings(self, value):
+        self.embed_tokens = value
+
+    # ------------------------------------------------------------------ inputs
+    def _check_word_ids(self, word_token_ids, input_ids):
+        if input_ids is None:
+            raise ValueError("`word_token_ids` need `input_ids` (they are aligned with the characters)")
+        if self.word_embed is None:
+            raise ValueError("`word_token_ids` were given but this model has no word embedding (word_vocab_size=0)")
+        if word_token_ids.shape != input_ids.shape:
+            raise ValueError(
+                f"`word_token_ids` must have the shape of `input_ids` {tuple(input_ids.shape)}, "
+                f"got {tuple(word_token_ids.shape)}"
+            )
+        if word_token_ids.is_floating_point():
+            raise TypeError(f"`word_token_ids` must be an integer tensor, got {word_token_ids.dtype}")
+        low, high = int(word_token_ids.min()), int(word_token_ids.max())
+        if low < 0 or high >= self.config.word_vocab_size:
+            bad = low if low < 0 else high
+            raise ValueError(
+                f"word id {bad} in `word_token_ids` is outside the word vocabulary [0, {self.config.word_vocab_size})"
+            )
+
+    def _generation_word_ids(self, input_ids, cache, past):
+        """Word ids of new characters during ``generate(tokenizer=...)`` (see causal_word_token_ids)."""
+        B, T = input_ids.shape
+        prompt = self.prompt_word_token_ids
+        if prompt is not None and past == 0 and prompt.shape[1] == T and B % prompt.shape[0] == 0:
+            words = prompt.to(input_ids.device).repeat_interleave(B // prompt.shape[0], dim=0)
+        else:
+            history = cache.layer(self.config.num_hidden_layers).get(WORD_HISTORY_KEY) if cache is not None else None
+            full = input_ids if history is None else torch.cat([history, input_ids], dim=1)
+            vocab = self.word_tokenizer.get_word_vocab()
+            rows = [causal_word_token_ids(self.word_tokenizer, row, vocab)[-T:] for row in full.tolist()]
+            words = torch.tensor(rows, dtype=torch.long, device=input_ids.device)
+            words = words.clamp(max=self.config.word_vocab_size - 1)
+        if cache is not None:
+            history = cache.layer(self.config.num_hidden_layers).get(WORD_HISTORY_KEY)
+            full = input_ids if history is None else torch.cat([history, input_ids], dim=1)
+            cache.set(self.config.num_hidden_layers, **{WORD_HISTORY_KEY: full[:, -WORD_HISTORY:]})
+        return words
+
+    def embed(self, input_ids, inputs_embeds, word_token_ids, pixel_values, patch_positions):
+        """Sequence embeddings (B, N + T, D): patches (if any) first, then the text."""
+        parts = []
+        if pixel_values is not None:
+            if pixel_values.dim() == 4:
+                if patch_positions is not None:
+                    raise ValueError("`patch_positions` are derived from 4D `pixel_values`; pass one or the other")
+                if pixel_values.shape[1] != self.config.num_channels:
+                    raise ValueError(
+                        f"`pixel_values` must have {self.config.num_channels} channels, got {pixel_values.shape[1]}"
+                    )
+                patches, patch_positions = patchify(pixel_values, self.config.patch_size)
+            elif pixel_values.dim() == 3:
+                if patch_positions is None:
+                    raise ValueError("flattened patches (B, N, patch_dim) need `patch_positions` (B, N, 2) = (x, y)")
+                patches = pixel_values
+            else:
+                raise ValueError(
+                    f"`pixel_values` must be images (B, C, H, W) or patches (B, N, patch_dim), got {tuple(pixel_values.shape)}"
+                )
+            if patches.shape[-1] != self.config.patch_dim:
+                raise ValueError(f"patches must have {self.config.patch_dim} values, got {patches.shape[-1]}")
+            if patch_positions.shape != (*patches.shape[:2], 2):
+                raise ValueError(
+                    f"`patch_positions` must have shape {(*patches.shape[:2], 2)}, got {tuple(patch_positions.shape)}"
+                )
+            dtype = self.patch_embed.weight.dtype
+            parts.append(rotate_2d(self.patch_embed(patches.to(dtype)), patch_positions, self.config.patch_rope_theta))
+        h = self.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds
+        if word_token_ids is not None:
+            h = h + self.word_embed(word_token_ids)
+        parts.append(h)
+        return torch.cat(parts, dim=1) if len(parts) > 1 else h
+
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        past_key_values=None,
+        inputs_embeds: torch.Tensor | None = None,
+        word_token_ids: torch.LongTensor | None = None,
+        pixel_values: torch.Tensor | None = None,
+        patch_positions: torch.LongTensor | None = None,
+        use_cache: bool | None = None,
+        output_hidden_states: bool | None = None,
+        return_routing: bool = False,
+        return_dict: bool | None = None,
+        **kwargs,
+    ) -> TinyONNModelOutput:
+        use_cache = use_cache if use_cache is not None else (self.config.use_cache and not self.training)
+        cache = self.resolve_cache(past_key_values, use_cache)
+        past = cache.get_seq_length() if cache is not None else 0
+        n_patches = 0
+        if pixel_values is not None:
+            if past:
+                raise ValueError("`pixel_values` can only start a sequence (the cache must be empty)")
+            p = self.config.patch_size
+            n_patches = (pixel_values.shape[-2] // p) * (pixel_values.shape[-1] // p) if pixel_values.dim() == 4 \
+                else pixel_values.shape[1]
+            if attention_mask is not None and input_ids is not None and attention_mask.shape[-1] == input_ids.shape[1]:
+                attention_mask = torch.cat([attention_mask.new_ones(attention_mask.shape[0], n_patches), attention_mask], 1)
+            text_mask = attention_mask[:, n_patches:] if attention_mask is not None else None
+            self.check_inputs(input_ids, inputs_embeds, text_mask, cache)
+        else:
+            self.check_inputs(input_ids, inputs_embeds, attention_mask, cache)
+        if word_token_ids is not None:
+            self._check_word_ids(word_token_ids, input_ids)
+        elif self.word_tokenizer is not None and self.word_embed is not None and input_ids is not None:
+            word_token_ids = self._generation_word_ids(input_ids, cache, past)
+
+        h = self.embed(input_ids, inputs_embeds, word_token_ids, pixel_values, patch_positions)
+        T = h.shape[1]
+        positions, key_mask, _ = self.positions_and_masks(attention_mask, past, T, h.device)
+        if position_ids is not None and key_mask is None and n_patches == 0:
+            positions = position_ids
+        rope = self.rotary(positions, h.dtype)
+
+        records = []
+        all_hidden = (h,) if output_hidden_states else None
+        for layer in self.layers:
+            h = layer(h, rope, key_mask, cache, records)
+            if output_hidden_states:
+                all_hidden += (h,)
+        h = self.norm(h)
+        if output_hidden_states:
+            all_hidden = all_hidden[:-1] + (h,)
+        if cache is not None:
+            cache.advance(T)
+
+        token_mask = key_mask[:, -T:].bool() if key_mask is not None else torch.ones(h.shape[:2], dtype=torch.bool, device=h.device)
+        with torch.no_grad():
+            n = token_mask.sum().clamp_min(1)
+            heads = [r.routing.active for r in records[0::2]]
+            experts = [r.routing.active for r in records[1::2]]
+            head_frac = torch.stack([(a.float().mean(-1) * token_mask).sum() / n for a in heads]).mean()
+            expert_frac = torch.stack([(a.float().mean(-1) * token_mask).sum() / n for a in experts]).mean()
+        return TinyONNModelOutput(
+            last_hidden_state=h, past_key_values=cache, hidden_states=all_hidden,
+            routing=records if return_routing else None,
+            head_active_fraction=head_frac, expert_active_fraction=expert_frac,
+        )
+
+    # ------------------------------------------------------------------ growth
+    def grow_experts(self, n: int) -> None:
+        """Add ``n`` MoIE experts to every block; existing outputs do not change (new experts
+        start with a closed gate, a zero output matrix and outside the top-k_min fallback).
+        Build a new optimizer afterwards: the parameter tensors are replaced."""
+        if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+            raise ValueError(f"`n` must be a positive integer, got {n!r}")
+        for layer in self.layers:
+            layer.moie.grow(n, self.config.grow_threshold)
+        self.config.num_experts += n
+
+    def reinit_dead_experts(self, min_count: float = 0.0) -> list[int]:
+        """Re-initialise, in every block, the MoIE experts routed at most ``min_count`` tokens
+        (in training forwards) since the last call. Returns the count per block."""
+        return [layer.moie.reinit_dead(min_count) for layer in self.layers]
+
+
+class TinyONNForCausalLM(TinyONNPreTrainedModel, BlockGenerationMixin):
+    _tied_weights_keys = {"lm_head.weight": "model.embed_tokens.weight"}
+
+    def __init__(self, config: TinyONNConfig):
+        super().__init__(config)
+        self.model = TinyONNModel(config)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.post_init()
+
+    def get_input_embeddings(self):
+        return self.model.embed_tokens
+
+    def set_input_embeddings(self, value):
+        self.model.embed_tokens = value
+
+    def get_output_embeddings(self):
+        return self.lm_head
+
+    def set_output_embeddings(self, value):
+        self.lm_head = value
+
+    def grow_experts(self, n: int) -> None:
+        self.model.grow_experts(n)
+
+    def reinit_dead_experts(self, min_count: float = 0.0) -> list[int]:
+        return self.model.reinit_dead_experts(min_count)
+
+    def generate(self, inputs=None, *args, tokenizer=None, word_token_ids=None, **kwargs):
+        """``generate`` of Transformers, plus word ids: with ``tokenizer=`` (a CharWordTokenizer)
+        the word id of every character, prompt and new text alike, is computed with
+        ``causal_word_token_ids``; ``word_token_ids=`` may give the prompt's own (then
+        ``tokenizer`` is required, for the new characters). Without a tokenizer the word
+        term is omitted."""
+        if word_token_ids is not None and tokenizer is None:
+            raise ValueError(
+                "`word_token_ids` given to generate() need `tokenizer=` too: the word ids of the new "
+                "characters are computed from the generated text"
+            )
+        use_words = tokenizer is not None and self.model.word_embed is not None and hasattr(tokenizer, "compute_word_ids")
+        if use_words:
+            self.model.word_tokenizer = tokenizer
+            self.model.prompt_word_token_ids = word_token_ids
+        try:
+            if tokenizer is not None:
+                kwargs["tokenizer"] = tokenizer
+            return super().generate(inputs, *args, **kwargs)
+        finally:
+            self.model.word_tokenizer = None
+            self.model.prompt_word_token_ids = None
+
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        past_key_values=None,
+        inputs_embeds: torch.Tensor | None = None,
+        labels: torch.LongTensor | None = None,
+        word_token_ids: torch.LongTensor | None = None,
+        pixel_values: torch.Tensor | None = None,
+        patch_positions: torch.LongTensor | None = None,
+        use_cache: bool | None = None,
+        output_hidden_states: bool | None = None,
+        return_dict: bool | None = None,
+        logits_to_keep: int = 0,
+        **kwargs,
+    ) -> TinyONNCausalLMOutput:
+        train_routing = labels is not None and self.training and torch.is_grad_enabled()
+        out = self.model(
+            input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+            past_key_values=past_key_values, inputs_embeds=inputs_embeds, word_token_ids=word_token_ids,
+            pixel_values=pixel_values, patch_positions=patch_positions, use_cache=use_cache,
+            output_hidden_states=output_hidden_states, return_routing=train_routing,
+        )
+        h = out.last_hidden_state
+        if logits_to_keep and labels is None:
+            h = h[:, -logits_to_keep:]
+        logits = self.lm_head(h)
+        result = TinyONNCausalLMOutput(
+            logits=logits, past_key_values=out.past_key_values, hidden_states=out.hidden_states,
+            head_active_fraction=out.head_active_fraction, expert_active_fraction=out.expert_active_fraction,
+        )
+        if labels is None:
+            return result
+        if labels.shape[1] != logits.shape[1]:  # labels of the text only: patches predict nothing
+            if labels.shape[1] > logits.shape[1]:
+                raise ValueError(f"`labels` are longer ({labels.shape[1]}) than the sequence ({logits.shape[1]})")
+            labels = torch.cat([labels.new_full((labels.shape[0], logits.shape[1] - labels.shape[1]), -100), labels], 1)
+        main = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.vocab_size, **kwargs)
+        loss, gate_loss, surprise = main, None, None
+        if train_routing and main.requires_grad and self.config.gate_loss_weight > 0:
+            gate_loss, surprise = self.routing_loss(main, out.routing, labels)
+            if gate_loss is not None:
+                # The value of `loss` stays the language-model loss (comparable with any other
+                # model, in logs and evaluation); its gradient carries w_gate * grad L_gate.
+                weighted = self.config.gate_loss_weight * gate_loss
+                loss = main + (weighted - weighted.detach())
+        with torch.no_grad():
+            target = labels[:, 1:] != -100
+            logp = logits[:, :-1].float().log_softmax(-1)
+            entropy = -(logp.exp() * logp).sum(-1)
+            tau = (entropy * target).sum() / target.sum().clamp_min(1)
+            s = surprise if surprise is not None else torch.zeros((), device=logits.device)
+            a, g = self.config.pi_alpha, self.config.pi_gamma
+            pi = torch.exp(-a * ((1 - g) * main.detach().float() / tau.clamp_min(1e-6) + g * s))
+        result.loss, result.main_loss, result.gate_loss = loss, main.detach(), None if gate_loss is None else gate_loss.detach()
+        result.surprise, result.output_entropy, result.pi_score = surprise, tau, pi
+        return result
+
+    def routing_loss(self, main_loss: torch.Tensor, records: list, labels: torch.Tensor):
+        """Surprise routing loss, averaged over the gated sub-layers; returns (loss, mean surprise).
+
+        S[t, e] = ||dL_main / du[t, e]|| * N, the gradient norm of the main loss at the routed
+        output u of expert (head) e for token t (the slot before the output projection; it
+        exists for inactive experts too, so S says how much each expert's output would move
+        the loss), times the N tokens of the mean loss so that S is per-token. With
+        ``surprise_times_routing_weight`` it is multiplied by the routing weight as in the
+        reference. L_gate = w_ce CE(logits, argmin_e S) + w_kl KL(softmax(-S/mean S) || softmax(logits)),
+        over the tokens that carry a loss gradient. The gradient of S is taken without graph
+        (S is a target); L_gate reaches the gate parameters through the logits.
+        """
+        records = [r for r in records if r.u.requires_grad]
+        if not records:
+            return None, None
+        grads = torch.autograd.grad(main_loss, [r.u for r in records], retain_graph=True, allow_unused=True)
+        n_tokens = (labels[:, 1:] != -100).sum().clamp_min(1)
+        cfg = self.config
+        losses, surprises = [], []
+        for record, grad in zip(records, grads):
+            if grad is None:
+                continue
+            S = grad.float().flatten(3).norm(dim=-1) * n_tokens  # (B, T, E)
+            if cfg.surprise_times_routing_weight:
+                S = S * record.routing.weights.detach().float()
+            valid = S.sum(-1) > 0
+            if not bool(valid.any()):
+                continue
+            S, logits, active = S[valid], record.routing.logits[valid], record.routing.active[valid]
+            target = S.argmin(-1)
+            log_q = F.log_softmax(logits, dim=-1)
+            log_p = F.log_softmax(-S / S.mean(-1, keepdim=True).clamp_min(1e-12), dim=-1)
+            ce = F.nll_loss(log_q, target)
+            kl = F.kl_div(log_q, log_p, log_target=True, reduction="batchmean")
+            losses.append(cfg.gate_ce_weight * ce + cfg.gate_kl_weight * kl)
+            surprises.append((S * active).sum() / active.sum().clamp_min(1))
+        if not losses:
+            return None, None
+        return torch.stack(losses).mean(), torch.stack(surprises).mean().detach()
