@@ -134,6 +134,30 @@ def _describe_hmtr(config) -> str:
     ])
 
 
+def _describe_tiny_onn(config) -> str:
+    rope = config.rope_type
+    rope_text = ("plain RoPE" if rope == "default" else
+                 f"RoPE with {rope} scaling (factor {config.rope_parameters.get('factor')}) from the standard "
+                 "`rope_scaling` dict")
+    word = (f"`char_embed[input_ids] + word_embed[word_token_ids]` ({config.word_vocab_size:,} words)"
+            if config.word_vocab_size else "`char_embed[input_ids]` (no word embedding)")
+    return "\n".join([
+        f"- text embedding: {word}; the 1D position is {rope_text}, native context "
+        f"{config.max_position_embeddings:,} tokens.",
+        f"- image / spectrogram patches ({config.num_channels}x{config.patch_size}x{config.patch_size}) enter the "
+        "same sequence through `patch_embed`, rotated by a 2D RoPE of the patch's (x, y).",
+        f"- {config.num_hidden_layers} blocks, each: DynSIHA attention over a pool of {config.num_attention_heads} "
+        f"heads (width {config.head_dim}) and MoIE over {config.num_experts} experts of width {config.expert_size}; "
+        "every token opens a variable number of heads / experts by threshold gating, "
+        "logits = cos(h, S) - sigmoid(g), with a top-k fallback "
+        f"(k_min = {config.min_active_heads} heads, {config.min_active_experts} experts).",
+        f"- training adds a surprise routing loss (weight {config.gate_loss_weight}) and reports the PI score.",
+        "",
+        f"Generation runs `block_size = {config.block_size}` decoding steps per block inside the model; pass "
+        "`tokenizer=` to `generate` so that new characters get word ids.",
+    ])
+
+
 ARCHITECTURE_CARDS: dict[str, ArchitectureCard] = {
     "retmamba": ArchitectureCard(
         title="RetMamba (RetNet x Mamba fusion)",
@@ -174,6 +198,27 @@ ARCHITECTURE_CARDS: dict[str, ArchitectureCard] = {
             "step by step and is slower per token than attention or chunked-scan models of the same size.",
             "The top-k reads and the novelty decisions are discrete: gradients flow through the values "
             "read and the slots written, not through the choice of slots.",
+        ),
+    ),
+    "tiny_onn": ArchitectureCard(
+        title="Tiny-ONN (dynamic experts, char + word embedding)",
+        tags=("mixture-of-experts", "dynamic-sparsity", "character-level", "multimodal"),
+        summary=(
+            "Tiny-ONN is a decoder-only language model whose attention heads and feed-forward experts are "
+            "chosen per token: a threshold gate compares the token with one learned key per head or expert "
+            "and opens every one whose cosine similarity clears a learned threshold, so easy tokens use few "
+            "and hard tokens many. Characters are the tokens; the word each character belongs to is added "
+            "as a second embedding, so the first layer sees both levels. Image or spectrogram patches enter "
+            "the same single tower with a 2D rotary encoding of their position. A routing loss teaches the "
+            "gates to send each token to the experts whose outputs the language-model loss is least "
+            "sensitive to."
+        ),
+        describe=_describe_tiny_onn,
+        limits=(
+            "All heads and experts are computed densely and masked (einsum), so sparsity saves no compute "
+            "on this implementation; it shapes what the model learns, not its speed.",
+            "Word ids during generation need the tokenizer (`generate(..., tokenizer=tok)`); without it the "
+            "word term is left out.",
         ),
     ),
     "hmtr": ArchitectureCard(
