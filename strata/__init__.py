@@ -7,6 +7,7 @@
 from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
 
 from strata.configuration.configuration_hmtr import HMTRConfig
+from strata.configuration.configuration_mt_hope import MTHopeConfig
 from strata.configuration.configuration_retmamba import RetMambaConfig
 from strata.configuration.configuration_thl import THLConfig
 from strata.configuration.configuration_tiny_onn import TinyONNConfig
@@ -16,6 +17,11 @@ from strata.modeling.modeling_hmtr import (
     LORA_TARGET_MODULES as HMTR_LORA_TARGET_MODULES,
     HMTRForCausalLM,
     HMTRModel,
+)
+from strata.modeling.modeling_mt_hope import (
+    LORA_TARGET_MODULES as MT_HOPE_LORA_TARGET_MODULES,
+    MTHopeForCausalLM,
+    MTHopeModel,
 )
 from strata.modeling.modeling_retmamba import (
     LORA_TARGET_MODULES as RETMAMBA_LORA_TARGET_MODULES,
@@ -42,6 +48,7 @@ ARCHITECTURES = {
     THLConfig.model_type: (THLConfig, THLModel, THLForCausalLM, THL_LORA_TARGET_MODULES),
     HMTRConfig.model_type: (HMTRConfig, HMTRModel, HMTRForCausalLM, HMTR_LORA_TARGET_MODULES),
     TinyONNConfig.model_type: (TinyONNConfig, TinyONNModel, TinyONNForCausalLM, TINY_ONN_LORA_TARGET_MODULES),
+    MTHopeConfig.model_type: (MTHopeConfig, MTHopeModel, MTHopeForCausalLM, MT_HOPE_LORA_TARGET_MODULES),
 }
 
 
@@ -67,6 +74,9 @@ __all__ = [
     "HMTRConfig",
     "HMTRForCausalLM",
     "HMTRModel",
+    "MTHopeConfig",
+    "MTHopeForCausalLM",
+    "MTHopeModel",
     "RecurrentCache",
     "RetMambaConfig",
     "RetMambaForCausalLM",

@@ -19,10 +19,12 @@ CASES = [
     ("hmtr", "tiny"),
     ("hmtr", "tiny-lstm"),
     ("tiny_onn", "tiny"),
+    ("mt_hope", "tiny"),
+    ("mt_hope", "tiny-attn"),
 ]
 
 # One representative per architecture for the slower checks.
-MAIN_CASES = [("retmamba", "tiny"), ("thl", "tiny"), ("hmtr", "tiny"), ("tiny_onn", "tiny")]
+MAIN_CASES = [("retmamba", "tiny"), ("thl", "tiny"), ("hmtr", "tiny"), ("mt_hope", "tiny"), ("tiny_onn", "tiny")]
 
 
 def case_id(case) -> str:
