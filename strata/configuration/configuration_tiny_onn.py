@@ -54,6 +54,9 @@ class TinyONNConfig(StrataConfigMixin, PretrainedConfig):
         num_experts: number of MoIE feed-forward experts per block.
         expert_size: hidden width of every expert (two matrices, SiLU).
         min_active_experts: top-k_min fallback of the MoIE gate.
+        expert_groups: sizes of the generations of experts (``[num_experts]`` at first;
+            ``grow_experts(n)`` appends ``n``). Each generation is computed as its own
+            einsum and added after the earlier ones, so growing changes no output bit.
         rope_theta: rotary base of the 1D sequence position.
         rope_scaling: standard Transformers RoPE scaling dict, e.g.
             ``{"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 1024}``.
@@ -91,6 +94,7 @@ class TinyONNConfig(StrataConfigMixin, PretrainedConfig):
         num_experts: int = 32,
         expert_size: int = 96,
         min_active_experts: int = 1,
+        expert_groups: list[int] | None = None,
         rope_theta: float = 10000.0,
         rope_scaling: dict | None = None,
         max_position_embeddings: int = 32768,
@@ -131,6 +135,14 @@ class TinyONNConfig(StrataConfigMixin, PretrainedConfig):
         check_int("num_experts", num_experts, 1)
         check_int("expert_size", expert_size, 1)
         check_int("min_active_experts", min_active_experts, 1, num_experts)
+        if expert_groups is None:
+            expert_groups = [num_experts]
+        expert_groups = list(expert_groups)
+        if not expert_groups or any(isinstance(g, bool) or not isinstance(g, int) or g < 1 for g in expert_groups) \
+                or sum(expert_groups) != num_experts:
+            raise ValueError(
+                f"`expert_groups` must be positive integers summing to num_experts ({num_experts}), got {expert_groups}"
+            )
         check_float("rope_theta", rope_theta, 0.0, low_inclusive=False)
         check_int("max_position_embeddings", max_position_embeddings, 1)
         check_int("patch_size", patch_size, 1)
@@ -173,6 +185,7 @@ class TinyONNConfig(StrataConfigMixin, PretrainedConfig):
         self.num_experts = num_experts
         self.expert_size = expert_size
         self.min_active_experts = min_active_experts
+        self.expert_groups = expert_groups
         self.rope_theta = float(rope_theta)
         self.rope_parameters = rope_scaling
         self.max_position_embeddings = max_position_embeddings

@@ -156,8 +156,9 @@ class ThresholdGate(nn.Module):
     so adding experts never changes what existing tokens compute.
     """
 
-    def __init__(self, hidden_size: int, num_experts: int, k_min: int):
+    def __init__(self, hidden_size: int, num_experts: int, k_min: int, groups: list[int] | None = None):
         super().__init__()
+        self.groups = list(groups) if groups is not None else [num_experts]
         self.keys = nn.Parameter(torch.empty(num_experts, hidden_size))
         self.threshold = nn.Parameter(torch.empty(num_experts))
         self.register_buffer("eligible", torch.ones(num_experts, dtype=torch.bool))
@@ -174,8 +175,17 @@ class ThresholdGate(nn.Module):
         tau = 1.0 / math.sqrt(self.keys.shape[1])
         return math.log(tau / (1 - tau))
 
+    def spans(self) -> list[tuple[int, int]]:
+        """(start, end) of every generation of experts (see ``TinyONNConfig.expert_groups``)."""
+        ends = torch.tensor(self.groups).cumsum(0).tolist()
+        return list(zip([0] + ends[:-1], ends))
+
     def forward(self, x: torch.Tensor) -> Routing:
-        logits = F.normalize(x.float(), dim=-1) @ F.normalize(self.keys.float(), dim=-1).T
+        # Every generation of experts separately: reductions over the experts of earlier
+        # generations run exactly as before a `grow`, so no output bit changes.
+        x_unit, keys_unit = F.normalize(x.float(), dim=-1), F.normalize(self.keys.float(), dim=-1)
+        spans = self.spans()
+        logits = torch.cat([x_unit @ keys_unit[a:b].T for a, b in spans], dim=-1)
         logits = logits - torch.sigmoid(self.threshold.float())
         by_threshold = logits > 0
         k = min(self.k_min, self.num_experts)
@@ -184,7 +194,10 @@ class ThresholdGate(nn.Module):
         active = torch.where(by_threshold.any(-1, keepdim=True), by_threshold, fallback)
         relu = F.relu(logits)
         mask = relu + (active.float() - relu).detach()  # forward: 0/1, backward: d relu
-        weights = torch.softmax(logits.masked_fill(~active, float("-inf")), dim=-1) * mask
+        z = logits.masked_fill(~active, float("-inf"))
+        e = torch.exp(z - z.max(-1, keepdim=True).values.detach())
+        total = sum(e[..., a:b].sum(-1, keepdim=True) for a, b in spans)  # softmax over the active ones
+        weights = e / total * mask
         if self.training:
             with torch.no_grad():
                 counts = active.flatten(0, -2).sum(0).float()
@@ -200,6 +213,7 @@ class ThresholdGate(nn.Module):
         new_threshold = torch.full((n,), threshold, device=self.threshold.device, dtype=self.threshold.dtype)
         self.threshold = nn.Parameter(torch.cat([self.threshold.data, new_threshold]))
         self.eligible = torch.cat([self.eligible, torch.zeros(n, dtype=torch.bool, device=self.eligible.device)])
+        self.groups.append(n)
         if self.activation_counts is not None:
             self.activation_counts = torch.cat([self.activation_counts, self.activation_counts.new_zeros(n)])
 
@@ -221,7 +235,7 @@ class DynSIHAttention(nn.Module):
         self.gate = ThresholdGate(d, config.num_attention_heads, config.min_active_heads)
 
     def execute(self, x, weights, cos, sin, key_mask=None, cache=None):
-        """x (B, T, D), weights (B, T, H) -> output (B, T, D), routed head outputs u (B, T, H, Dh)."""
+        """x (B, T, D), weights (B, T, H) -> output (B, T, D), routed head outputs (u,), u (B, T, H, Dh)."""
         B, T, _ = x.shape
         q = self.q_proj(x).view(B, T, self.num_heads, self.head_dim).transpose(1, 2)  # (B, H, T, Dh)
         k = self.k_proj(x).view(B, T, self.num_heads, self.head_dim).transpose(1, 2)
@@ -232,7 +246,7 @@ class DynSIHAttention(nn.Module):
         mask = causal_padding_mask(key_mask, T, k.shape[2], x.device)
         o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None and T > 1)
         u = o.transpose(1, 2) * weights[..., None]  # (B, T, H, Dh)
-        return self.o_proj(u.reshape(B, T, -1)), u
+        return self.o_proj(u.reshape(B, T, -1)), (u,)
 
 
 # --------------------------------------------------------------------------- MoIE
@@ -245,14 +259,20 @@ class MoIEFeedForward(nn.Module):
         d, e, f = config.hidden_size, config.num_experts, config.expert_size
         self.w_in = nn.Parameter(torch.empty(e, d, f))
         self.w_out = nn.Parameter(torch.empty(e, f, d))
-        self.gate = ThresholdGate(d, e, config.min_active_experts)
+        self.gate = ThresholdGate(d, e, config.min_active_experts, config.expert_groups)
         self.initializer_range = config.initializer_range
 
     def execute(self, x, weights):
-        """x (B, T, D), weights (B, T, E) -> output (B, T, D), routed expert hiddens u (B, T, E, F)."""
-        h = F.silu(torch.einsum("btd,edf->btef", x, self.w_in))
-        u = h * weights[..., None]
-        return torch.einsum("btef,efd->btd", u, self.w_out), u
+        """x (B, T, D), weights (B, T, E) -> output (B, T, D), routed expert hiddens u: one
+        (B, T, E_g, F) tensor per generation of experts, added in order."""
+        y, us = None, []
+        for a, b in self.gate.spans():
+            h = F.silu(torch.einsum("btd,edf->btef", x, self.w_in[a:b]))
+            u = h * weights[..., a:b, None]
+            part = torch.einsum("btef,efd->btd", u, self.w_out[a:b])
+            y = part if y is None else y + part
+            us.append(u)
+        return y, tuple(us)
 
     @torch.no_grad()
     def grow(self, n: int, threshold: float) -> None:
@@ -285,7 +305,7 @@ class MoIEFeedForward(nn.Module):
 # --------------------------------------------------------------------------- block
 class RoutingRecord(NamedTuple):
     routing: Routing
-    u: torch.Tensor  # routed outputs of every expert, (B, T, E, ...)
+    u: tuple  # routed outputs of the experts, (B, T, E_g, ...) per generation of experts
 
 
 class TinyONNBlock(nn.Module):
@@ -354,6 +374,11 @@ class TinyONNCausalLMOutput(CausalLMOutputWithPast):
 
 
 # --------------------------------------------------------------------------- models
+class WordEmbedding(nn.Embedding):
+    """``word_embed``: initialised to zero, so a fresh model is the character model and the word
+    term grows from its gradient (which does not depend on the embedding's value)."""
+
+
 class TinyONNPreTrainedModel(StrataPreTrainedModel):
     config_class = TinyONNConfig
     config: TinyONNConfig
@@ -363,6 +388,9 @@ class TinyONNPreTrainedModel(StrataPreTrainedModel):
 
     @torch.no_grad()
     def _init_weights(self, module):
+        if isinstance(module, WordEmbedding):
+            init.zeros_(module.weight)
+            return
         super()._init_weights(module)
         std = self.config.initializer_range
         if isinstance(module, ThresholdGate):
@@ -372,10 +400,6 @@ class TinyONNPreTrainedModel(StrataPreTrainedModel):
         elif isinstance(module, MoIEFeedForward):
             init.normal_(module.w_in, std=std)
             init.normal_(module.w_out, std=std)
-        elif isinstance(module, TinyONNModel) and module.word_embed is not None:
-            # The word term starts at zero: a fresh model is the character model, and the word
-            # embedding grows from its gradient (which does not depend on its value).
-            init.zeros_(module.word_embed.weight)
 
 
 class TinyONNModel(TinyONNPreTrainedModel):
@@ -383,7 +407,7 @@ class TinyONNModel(TinyONNPreTrainedModel):
         super().__init__(config)
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size, padding_idx=config.pad_token_id)
         self.word_embed = (
-            nn.Embedding(config.word_vocab_size, config.hidden_size) if config.word_vocab_size else None
+            WordEmbedding(config.word_vocab_size, config.hidden_size) if config.word_vocab_size else None
         )
         self.patch_embed = nn.Linear(config.patch_dim, config.hidden_size, bias=True)
         self.layers = nn.ModuleList(TinyONNBlock(config, i) for i in range(config.num_hidden_layers))
@@ -553,6 +577,7 @@ class TinyONNModel(TinyONNPreTrainedModel):
         for layer in self.layers:
             layer.moie.grow(n, self.config.grow_threshold)
         self.config.num_experts += n
+        self.config.expert_groups = list(self.config.expert_groups) + [n]
 
     def reinit_dead_experts(self, min_count: float = 0.0) -> list[int]:
         """Re-initialise, in every block, the MoIE experts routed at most ``min_count`` tokens
@@ -681,17 +706,18 @@ class TinyONNForCausalLM(TinyONNPreTrainedModel, BlockGenerationMixin):
         over the tokens that carry a loss gradient. The gradient of S is taken without graph
         (S is a target); L_gate reaches the gate parameters through the logits.
         """
-        records = [r for r in records if r.u.requires_grad]
+        records = [r for r in records if all(u.requires_grad for u in r.u)]
         if not records:
             return None, None
-        grads = torch.autograd.grad(main_loss, [r.u for r in records], retain_graph=True, allow_unused=True)
+        flat = [u for r in records for u in r.u]
+        grads = iter(torch.autograd.grad(main_loss, flat, retain_graph=True, allow_unused=True))
         n_tokens = (labels[:, 1:] != -100).sum().clamp_min(1)
         cfg = self.config
         losses, surprises = [], []
-        for record, grad in zip(records, grads):
-            if grad is None:
-                continue
-            S = grad.float().flatten(3).norm(dim=-1) * n_tokens  # (B, T, E)
+        for record in records:
+            parts = [(next(grads), u) for u in record.u]
+            S = torch.cat([(g if g is not None else torch.zeros_like(u)).float().flatten(3).norm(dim=-1)
+                           for g, u in parts], dim=-1) * n_tokens  # (B, T, E)
             if cfg.surprise_times_routing_weight:
                 S = S * record.routing.weights.detach().float()
             valid = S.sum(-1) > 0
