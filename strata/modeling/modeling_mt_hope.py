@@ -461,7 +461,8 @@ def _lower_decay(log_g):
 def neural_memory_chunk(q, k, v, log_eta, theta, log_beta, m, grad_w, w, s):
     """One chunk of Titans test-time learning; everything (B, H, ...), fp32.
 
-    Memory per head: M(x) = x + W2 silu(W1 x), loss l_t = 1/2 ||M(k_t) - v_t||^2.
+    Memory per head: M(x) = x + W2 g silu(W1 x), g = 1/sqrt(F) (F hidden units: keeps the
+    curvature of the loss in W2 O(1)), loss l_t = 1/2 ||M(k_t) - v_t||^2.
     Gradients of every token of the chunk are taken at ``grad_w`` = (W1, W2) of the
     chunk start (Titans' chunk-parallel form). Momentum and forgetting:
         S_t = eta_t S_{t-1} - theta_t grad_t,    W_t = beta_t W_{t-1} + m_t S_t
@@ -476,10 +477,11 @@ def neural_memory_chunk(q, k, v, log_eta, theta, log_beta, m, grad_w, w, s):
     w1, w2 = w
     s1, s2 = s
     # gradients at the chunk-start weights
+    g = gw1.shape[-2] ** -0.5
     zk = k @ gw1.transpose(-1, -2)  # (B, H, C, F)
-    hk = F.silu(zk)
+    hk = g * F.silu(zk)
     err = k + hk @ gw2.transpose(-1, -2) - v  # dl/dM(k): (B, H, C, D)
-    delta = (err @ gw2) * _silu_grad(zk)  # (B, H, C, F): g_W1 = delta k^T, g_W2 = err hk^T
+    delta = g * (err @ gw2) * _silu_grad(zk)  # (B, H, C, F): g_W1 = delta k^T, g_W2 = err hk^T
     # coefficients
     Deta = _lower_decay(log_eta)  # (B, H, C, C)
     Dbeta = _lower_decay(log_beta)
@@ -491,7 +493,7 @@ def neural_memory_chunk(q, k, v, log_eta, theta, log_beta, m, grad_w, w, s):
     # outputs: layer 1
     z = a[..., None] * (q @ w1.transpose(-1, -2)) + b[..., None] * (q @ s1.transpose(-1, -2))
     z = z + (coef * (q @ k.transpose(-1, -2))) @ delta
-    hq = F.silu(z)
+    hq = g * F.silu(z)
     o = a[..., None] * (hq @ w2.transpose(-1, -2)) + b[..., None] * (hq @ s2.transpose(-1, -2))
     o = q + o + (coef * (hq @ hk.transpose(-1, -2))) @ err
     # end-of-chunk state
@@ -509,14 +511,16 @@ def neural_memory_chunk(q, k, v, log_eta, theta, log_beta, m, grad_w, w, s):
 class TwistorSelfModifyingRecurrent(nn.Module):
     """HOPE's self-modifying Titans: a neural memory that learns at test time.
 
-    Per head, an MLP memory M(x) = x + W2 silu(W1 x) is trained while it reads, by
+    Per head, an MLP memory M(x) = x + W2 silu(W1 x) / sqrt(F) is trained while it reads, by
     gradient descent on the associative loss 1/2 ||M(k_t) - v_t||^2, with momentum and
     forgetting that the model itself computes from every token (its own update rule):
-        theta_t (step size), eta_t (momentum), alpha_t (forgetting) = sigmoid(W u_t + b)
+        theta_t (step size), eta_t (momentum), alpha_t (forgetting) = sigmoid(W u_t + b) (scaled)
         S_t = eta_t S_{t-1} - theta_t grad l_t(W),   W_t = (1 - alpha_t) W_{t-1} + S_t
         y_t = M_t(q_t)
-    Gradients inside a chunk of ``memory_chunk_size`` tokens are taken at the weights
-    of the chunk start (Titans' chunk-parallel training form); chunks are aligned to
+    Gradients inside a chunk of ``memory_chunk_size`` = C tokens are taken at the weights
+    of the chunk start (Titans' chunk-parallel training form), so a chunk sums C
+    gradients at the same point: theta_t <= 1 / C keeps that step stable (keys are
+    unit vectors; heavy-ball momentum is stable for theta * curvature < 2). Chunks are aligned to
     each row's token count, so one forward, a two-part prefill and token-by-token
     decoding compute the same thing. The initial W1, W2 are trained by backprop (the
     outer level); the cache holds the current W, the momentum S, the chunk-start W and
@@ -557,7 +561,7 @@ class TwistorSelfModifyingRecurrent(nn.Module):
         g = self.lr_proj(u).float().view(B, T, 3, self.heads) + self.lr_bias.float()
         g = g.permute(2, 0, 3, 1)  # (3, B, H, T)
         m = torch.ones_like(g[0]) if token_mask is None else token_mask[:, None, :].float().expand_as(g[0])
-        theta = THETA_MAX * torch.sigmoid(g[0]) * m
+        theta = (THETA_MAX / self.chunk_size) * torch.sigmoid(g[0]) * m
         log_eta = F.logsigmoid(g[1]) * m
         log_beta = torch.log1p(-ALPHA_MAX * torch.sigmoid(g[2])) * m
         return q, k, v, log_eta, theta, log_beta, m

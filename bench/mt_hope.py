@@ -1,0 +1,244 @@
+"""MT-HOPE against the foundation's `transformer` and `mamba` presets, in one run (CPU).
+
+Models (character vocabulary of tinyshakespeare, ~400 ids):
+- ``mt_hope``: preset ``small`` (dim 128: stream 256 wide, 2 recurrent blocks, Titans
+  test-time memory, slot memory, 3 continuum-memory levels);
+- ``transformer`` / ``mamba``: RetMamba presets ``transformer-small`` / ``mamba-small``
+  (hidden 256) with 3 blocks and the MLP width chosen so that the parameter count
+  matches ``mt_hope`` (counts are printed and saved);
+- ablations of ``mt_hope``: ``no_mobius`` (use_mobius=False), ``no_memory_system``
+  (use_memory_system=False), ``no_test_time_memory`` (use_neural_memory=False).
+
+Sections:
+- ``train``: every model trains for ``--train-seconds`` of wall-clock (equal budget) on
+  random 128-character blocks of the training split (batch 16, AdamW lr 2e-3, 30 warm-up
+  steps, clipping 1.0); reported: steps, training tokens/s (wall and CPU time of this
+  process), validation bits per character on 128-character blocks of the first
+  ``--val-chars`` characters of the validation split.
+- ``latency``: per-token greedy decoding latency (median of ``--decode-tokens`` one-token
+  forwards through the cache, wall and CPU time) after prompts of 256 and 4096 tokens,
+  for mt_hope, transformer and mamba (freshly initialised; latency does not depend on
+  the weights).
+
+One torch thread. The machine is shared with other processes: CPU time is reported
+next to wall time, and the load average at start and end.
+
+usage: .venv/bin/python bench/mt_hope.py [--sections train,latency] [--train-seconds 120]
+       [--json bench/results/mt_hope.json] [--quick]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import statistics
+import time
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+import transformers  # noqa: E402
+
+import strata  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+MIXER = {"transformer": "A", "mamba": "M"}
+ABLATIONS = {
+    "no_mobius": dict(use_mobius=False),
+    "no_memory_system": dict(use_memory_system=False),
+    "no_test_time_memory": dict(use_neural_memory=False),
+}
+
+
+# ----------------------------------------------------------------------------- models
+def num_parameters(model) -> int:
+    return sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
+
+
+def mt_hope(vocab: int, preset: str = "small", **overrides):
+    return strata.MTHopeForCausalLM(strata.MTHopeConfig.from_preset(preset, vocab_size=vocab, **overrides))
+
+
+def matched_baseline(family: str, vocab: int, target: int, layers: int = 3):
+    """RetMamba ``<family>-small`` with ``layers`` blocks, MLP width (multiple of 64) matching ``target``."""
+    best = None
+    for inter in range(64, 4097, 64):
+        cfg = strata.RetMambaConfig.from_preset(f"{family}-small", vocab_size=vocab, layer_pattern=MIXER[family] * layers,
+                                                intermediate_size=inter, max_position_embeddings=32768)
+        with torch.device("meta"):
+            n = num_parameters(strata.RetMambaForCausalLM(cfg))
+        if best is None or abs(n - target) < abs(best[0] - target):
+            best = (n, cfg)
+    return strata.RetMambaForCausalLM(best[1])
+
+
+def build_all(vocab: int, names) -> dict:
+    torch.manual_seed(0)
+    models = {"mt_hope": mt_hope(vocab)}
+    target = num_parameters(models["mt_hope"])
+    for name in names:
+        torch.manual_seed(0)
+        if name in ("transformer", "mamba"):
+            models[name] = matched_baseline(name, vocab, target)
+        elif name in ABLATIONS:
+            models[name] = mt_hope(vocab, **ABLATIONS[name])
+    return {k: v for k, v in models.items() if k == "mt_hope" or k in names}
+
+
+def describe(model) -> dict:
+    c = model.config
+    return {"class": type(model).__name__, "parameters": num_parameters(model), "hidden_size": c.hidden_size,
+            "layer_pattern": c.layer_pattern, "intermediate_size": getattr(c, "intermediate_size", None)}
+
+
+# ----------------------------------------------------------------------------- data / training
+def shakespeare_data():
+    text = (ROOT / "strata" / "data" / "tinyshakespeare.txt").read_text(encoding="utf-8")
+    split = int(0.9 * len(text))
+    tok = strata.CharWordTokenizer.train([text[:split]], vocab_size=400, word_vocab_size=2000)
+    train = torch.tensor(tok(text[:split])["input_ids"])
+    val_text = text[split:]
+    val = torch.tensor(tok(val_text)["input_ids"])
+    if len(val) != len(val_text):
+        raise RuntimeError("the character tokenizer does not map one character to one token here")
+    return tok, train, val
+
+
+@torch.no_grad()
+def bits_per_char_blocks(model, val, block=128, batch=32) -> float:
+    model.eval()
+    n = (val.numel() - 1) // block
+    x = val[: n * block].view(n, block)
+    y = val[1 : n * block + 1].view(n, block)
+    total = 0.0
+    for s in range(0, n, batch):
+        logits = model(x[s : s + batch], use_cache=False).logits
+        total += F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), y[s : s + batch].reshape(-1),
+                                 reduction="sum").item()
+    return total / (n * block) / math.log(2)
+
+
+def train_for(model, train, seconds, batch=16, length=128, lr=2e-3, warmup=30) -> dict:
+    model.train()
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: min(1.0, (step + 1) / warmup))
+    g = torch.Generator().manual_seed(0)
+    steps, losses = 0, []
+    measured_tokens, measured_wall, measured_cpu = 0, 0.0, 0.0
+    start = time.perf_counter()
+    while time.perf_counter() - start < seconds:
+        t0, c0 = time.perf_counter(), time.process_time()
+        idx = torch.randint(0, train.numel() - length - 1, (batch,), generator=g)
+        x = torch.stack([train[i : i + length] for i in idx.tolist()])
+        loss = model(x, labels=x, use_cache=False).loss
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        sched.step()
+        opt.zero_grad(set_to_none=True)
+        steps += 1
+        losses.append(loss.item())
+        if steps > 3:  # exclude warm-up steps from the throughput
+            measured_tokens += batch * length
+            measured_wall += time.perf_counter() - t0
+            measured_cpu += time.process_time() - c0
+    model.eval()
+    return {"steps": steps, "train_tokens": steps * batch * length, "train_seconds": time.perf_counter() - start,
+            "train_tokens_per_s": measured_tokens / max(measured_wall, 1e-9),
+            "train_tokens_per_cpu_s": measured_tokens / max(measured_cpu, 1e-9),
+            "final_train_loss_nats": statistics.mean(losses[-20:])}
+
+
+def run_train(names, seconds, val_chars) -> dict:
+    tok, train, val = shakespeare_data()
+    val = val[: val_chars + 1]
+    models = build_all(len(tok), names)
+    results = {}
+    for name, model in models.items():
+        row = {"model": describe(model), **train_for(model, train, seconds)}
+        row["val_bpc"] = bits_per_char_blocks(model, val)
+        results[name] = row
+        print(f"  {name:20s} {row['model']['parameters']:>9,d} params: {row['steps']:4d} steps, "
+              f"{row['train_tokens_per_s']:6.0f} tok/s (cpu {row['train_tokens_per_cpu_s']:6.0f}), "
+              f"val bpc {row['val_bpc']:.3f}", flush=True)
+    base = results["mt_hope"]["val_bpc"]
+    results["ablation_delta_bpc"] = {k: results[k]["val_bpc"] - base for k in ABLATIONS if k in results}
+    return results
+
+
+# ----------------------------------------------------------------------------- latency
+@torch.no_grad()
+def decode_latency(model, prompt_len: int, tokens: int, vocab: int) -> dict:
+    model.eval()
+    g = torch.Generator().manual_seed(0)
+    prompt = torch.randint(4, vocab, (1, prompt_len), generator=g)
+    cache = strata.RecurrentCache(model.config.num_hidden_layers)
+    t0 = time.perf_counter()
+    for s in range(0, prompt_len, 1024):  # prefill in chunks through the cache
+        out = model(prompt[:, s : s + 1024], past_key_values=cache, use_cache=True, logits_to_keep=1)
+    prefill = time.perf_counter() - t0
+    token = out.logits[:, -1].argmax(-1, keepdim=True)
+    wall, cpu = [], []
+    for _ in range(tokens):
+        t0, c0 = time.perf_counter(), time.process_time()
+        out = model(token, past_key_values=cache, use_cache=True)
+        token = out.logits[:, -1].argmax(-1, keepdim=True)
+        wall.append(time.perf_counter() - t0)
+        cpu.append(time.process_time() - c0)
+    state = sum(t.numel() * t.element_size() for layer in cache.layers for t in layer.tensors.values())
+    return {"prompt": prompt_len, "decode_ms_per_token": 1e3 * statistics.median(wall),
+            "decode_cpu_ms_per_token": 1e3 * statistics.median(cpu), "prefill_s": prefill, "state_bytes": state}
+
+
+def run_latency(prompts, tokens, vocab=400) -> dict:
+    models = build_all(vocab, ("transformer", "mamba"))
+    results = {}
+    for name, model in models.items():
+        rows = [decode_latency(model, p, tokens, vocab) for p in prompts]
+        results[name] = rows
+        print("  " + name + ": " + ", ".join(
+            f"prompt {r['prompt']}: {r['decode_ms_per_token']:.2f} ms/token (cpu {r['decode_cpu_ms_per_token']:.2f}),"
+            f" state {r['state_bytes'] / 2**20:.2f} MB" for r in rows), flush=True)
+    results["growth_last_over_first"] = {
+        name: rows[-1]["decode_ms_per_token"] / rows[0]["decode_ms_per_token"] for name, rows in results.items()}
+    return results
+
+
+# ----------------------------------------------------------------------------- main
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--sections", default="train,latency")
+    parser.add_argument("--models", default="transformer,mamba," + ",".join(ABLATIONS))
+    parser.add_argument("--train-seconds", type=float, default=120.0)
+    parser.add_argument("--val-chars", type=int, default=16384)
+    parser.add_argument("--prompts", default="256,4096")
+    parser.add_argument("--decode-tokens", type=int, default=32)
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--json", default=None)
+    parser.add_argument("--quick", action="store_true", help="smoke run (seconds)")
+    args = parser.parse_args(argv)
+    if args.quick:
+        args.train_seconds, args.val_chars, args.prompts, args.decode_tokens = 3.0, 512, "64,128", 3
+    torch.set_num_threads(args.threads)
+    sections = args.sections.split(",")
+    results = {"torch": torch.__version__, "transformers": transformers.__version__, "threads": args.threads,
+               "cpu_count": os.cpu_count(), "load_average_start": os.getloadavg(), "args": vars(args)}
+    if "train" in sections:
+        print(f"training, {args.train_seconds:.0f} s of wall-clock each", flush=True)
+        results["train"] = run_train(args.models.split(","), args.train_seconds, args.val_chars)
+    if "latency" in sections:
+        print("decode latency", flush=True)
+        results["latency"] = run_latency([int(p) for p in args.prompts.split(",")], args.decode_tokens)
+    results["load_average_end"] = os.getloadavg()
+    if args.json:
+        Path(args.json).write_text(json.dumps(results, indent=1))
+    print(json.dumps({k: v for k, v in results.items() if k in ("load_average_start", "load_average_end")}))
+
+
+if __name__ == "__main__":
+    main()
