@@ -179,7 +179,7 @@ class HMTRConfig(StrataConfigMixin, PretrainedConfig):
         check_float("time_step_floor", time_step_floor, 0.0, 1.0, low_inclusive=False)
         check_choice("use_conv_bias", use_conv_bias, (True, False))
         check_int("chunk_size", chunk_size, 1, 4096)
-        check_choice("kernel_backend", kernel_backend, (None, "ref", "torch"))
+        self.check_kernel_backend(kernel_backend)
         check_choice("capsule", capsule, CAPSULE_KINDS)
         check_float("capsule_kl_weight", capsule_kl_weight, 0.0)
         check_float("capsule_kl_clamp", capsule_kl_clamp, 0.0)

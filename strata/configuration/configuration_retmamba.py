@@ -72,7 +72,8 @@ class RetMambaConfig(StrataConfigMixin, PretrainedConfig):
         fusion: ``"gate"`` or ``"selective_decay"`` (see the module docstring).
         fusion_gate: when False, the two branches of ``F`` are summed (ablation).
         block_size: K, the number of tokens the generation loop emits per block.
-        kernel_backend: ``None`` (automatic), ``"ref"`` or ``"torch"``.
+        kernel_backend: ``None`` (automatic: triton on CUDA, torch on CPU), ``"ref"``, ``"torch"``,
+            ``"triton"`` or ``"mamba_ssm"`` (docs/kernels.md).
     """
 
     model_type = "retmamba"
@@ -162,7 +163,7 @@ class RetMambaConfig(StrataConfigMixin, PretrainedConfig):
         check_choice("fusion", fusion, ("gate", "selective_decay"))
         check_choice("fusion_gate", fusion_gate, (True, False))
         check_int("block_size", block_size, 1, 4096)
-        check_choice("kernel_backend", kernel_backend, (None, "ref", "torch"))
+        self.check_kernel_backend(kernel_backend)
 
         self.vocab_size = vocab_size
         self.hidden_size = hidden_size

@@ -68,18 +68,21 @@ class MambaMixer(nn.Module):
         ssm_state = state.get(SSM_STATE) if state is not None else None
 
         if ssm_state is not None and T == 1:
-            u1, conv_state = causal_conv1d_update(u[:, :, 0], conv_state, weight, self.conv1d.bias, activation="silu")
+            u1, conv_state = causal_conv1d_update(
+                u[:, :, 0], conv_state, weight, self.conv1d.bias, activation="silu", backend=self.kernel_backend
+            )
             dbc = self.x_proj(u1)
             dt, Bm, Cm = dbc.split([self.dt_rank, self.state_size, self.state_size], dim=-1)
             dt = dt @ self.dt_proj.weight.t()
             y, ssm_state = selective_state_update(
                 ssm_state, u1, dt, A, Bm, Cm, self.D.float(), z=z[:, :, 0],
-                dt_bias=self.dt_proj.bias.float(), dt_softplus=True,
+                dt_bias=self.dt_proj.bias.float(), dt_softplus=True, backend=self.kernel_backend,
             )
             y = y[:, :, None]
         else:
             u, conv_state = causal_conv1d(
-                u, weight, self.conv1d.bias, initial_state=conv_state, activation="silu", return_final_state=True
+                u, weight, self.conv1d.bias, initial_state=conv_state, activation="silu", return_final_state=True,
+                backend=self.kernel_backend,
             )
             if mask is not None:
                 u = u * mask
