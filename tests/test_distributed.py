@@ -1,4 +1,5 @@
-"""Training runs unchanged under torch.distributed (DDP on CPU, gloo): two processes give the
+"""Training runs unchanged under torch.distributed (DDP on CPU, gloo; started with
+``accelerate launch --config_file configs/accelerate_ddp_cpu.yaml`` and with torchrun): two processes give the
 loss curve of one process with the same global batch, and Trainer checkpoints written by rank 0
 resume in either setting and continue that curve.
 
@@ -51,13 +52,17 @@ def workdir(tmp_path_factory):
     return work
 
 
-def run(work: Path, name: str, nproc: int, resume: str = "-") -> dict[int, float]:
+def run(work: Path, name: str, nproc: int, resume: str = "-", launcher: str = "torchrun") -> dict[int, float]:
     out = work / name
     env = dict(os.environ, OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false", PYTHONPATH=str(ROOT),
                HF_HUB_OFFLINE="1", CUDA_VISIBLE_DEVICES="")
     args = [str(work / "train_script.py"), str(out), "lunyu", str(GLOBAL_BATCH // nproc), resume]
     if nproc == 1:
         cmd = [sys.executable] + args
+    elif launcher == "accelerate":  # the shipped config, as docs/distributed.md tells users to run it
+        cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
+               str(ROOT / "configs" / "accelerate_ddp_cpu.yaml"), "--num_processes", str(nproc),
+               "--main_process_port", str(free_port())] + args
     else:
         cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--nnodes", "1",
                "--master_addr", "127.0.0.1", "--master_port", str(free_port())] + args
@@ -74,7 +79,7 @@ def assert_same_curve(ours: dict[int, float], reference: dict[int, float], steps
 
 @pytest.fixture(scope="module")
 def runs(workdir):
-    return {"1proc": run(workdir, "one", 1), "2proc": run(workdir, "two", 2)}
+    return {"1proc": run(workdir, "one", 1), "2proc": run(workdir, "two", 2, launcher="accelerate")}
 
 
 def test_two_processes_give_the_one_process_loss_curve(runs, workdir):
@@ -99,7 +104,7 @@ def test_one_process_checkpoint_resumes_in_two_processes(runs, workdir):
     assert_same_curve(resumed, runs["1proc"], range(SAVE_AT + 1, STEPS + 1))
 
 
-@pytest.mark.parametrize("name,kind,nproc", [("accelerate_ddp_cpu.yaml", "MULTI_CPU", 2), ("accelerate_fsdp.yaml", "FSDP", 8)])
+@pytest.mark.parametrize("name,kind,nproc", [("accelerate_ddp_cpu.yaml", "MULTI_GPU", 2), ("accelerate_fsdp.yaml", "FSDP", 8)])
 def test_shipped_accelerate_configs_parse(name, kind, nproc):
     from accelerate.commands.config.config_args import ClusterConfig
 

@@ -292,7 +292,9 @@ class HMTRPreTrainedModel(StrataPreTrainedModel):
     config_class = HMTRConfig
     config: HMTRConfig
     base_model_prefix = "model"
-    _no_split_modules = ["HMTREncoderBlock", "HMTRReasonerBlock", "HMTRDecoder"]
+    # The FSDP / device-map units. Not HMTRDecoder: it is driven through its methods (step, run,
+    # initial_state), which FSDP2 does not unshard for, so its (small) weights stay in the root unit.
+    _no_split_modules = ["HMTREncoderBlock", "HMTRReasonerBlock"]
     _auto_map_classes = {"AutoModel": "HMTRModel", "AutoModelForCausalLM": "HMTRForCausalLM"}
 
     @torch.no_grad()
