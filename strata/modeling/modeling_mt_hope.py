@@ -195,15 +195,19 @@ class SpinorEmbedding(nn.Module):
 
 # =========================================================================== Möbius
 def mobius_apply(z_re, z_im, coefs, guard: float):
-    """w = (a z + b) / (c z + d), elementwise; |c z + d| is kept >= ``guard`` (smoothly)."""
+    """w = (a z + b) / (c z + d), elementwise; where |c z + d| < ``guard`` (near the pole) the
+    denominator is lengthened to modulus ``guard`` in the same direction, elsewhere the map is exact."""
     (ar, ai), (br, bi), (cr, ci), (dr, di) = coefs
     nr, ni = cmul(ar, ai, z_re, z_im)
     nr, ni = nr + br, ni + bi
     dr_, di_ = cmul(cr, ci, z_re, z_im)
     dr_, di_ = dr_ + dr, di_ + di
     mod = torch.sqrt(dr_ * dr_ + di_ * di_ + 1e-12)
-    scale = (mod + guard) / mod  # |den'| = |den| + guard, same direction
-    return cdiv(nr, ni, dr_ * scale, di_ * scale)
+    scale = torch.clamp(guard / mod, min=1.0)  # |den'| = max(|den|, guard)
+    at_pole = mod < 1e-5  # no direction to lengthen: use the positive real one
+    dr_ = torch.where(at_pole, torch.full_like(dr_, guard), dr_ * scale)
+    di_ = torch.where(at_pole, torch.zeros_like(di_), di_ * scale)
+    return cdiv(nr, ni, dr_, di_)
 
 
 def mobius_inverse(w_re, w_im, coefs):
