@@ -126,6 +126,24 @@ def test_scan_chunked_matches_ref_property(b, d, n, length, chunk_size, seed, dt
     compare(scan_chunked(chunk_size), scan_ref, make)
 
 
+@pytest.mark.parametrize("chunk_size", [5, 40])  # 5: summed by cumsum-matmul; 40: by torch.cumsum
+def test_scan_without_softplus_allows_negative_steps(chunk_size):
+    # delta_softplus=False with signed deltas: cumsum(dt) is not monotone inside a chunk, so the
+    # chunk's reference point comes from its min and max, not its ends
+    def make():
+        ins = scan_inputs(length=45, seed=11, dt_scale=0.3)
+        return ins
+
+    def chunked(**kw):
+        return selective_scan_chunked(**kw, delta_softplus=False, return_final_state=True, chunk_size=chunk_size)
+
+    def ref(**kw):
+        return selective_scan_ref(**kw, delta_softplus=False, return_final_state=True)
+
+    assert (make()["delta"] < 0).any() and (make()["delta"] > 0).any()
+    compare(chunked, ref, make)
+
+
 def test_scan_chunked_matches_ref_float64():
     make = lambda: scan_inputs(length=45, dtype=F64, seed=3)  # noqa: E731
     compare(scan_chunked(16), scan_ref, make, atol=1e-10, rel_rms=1e-10)

@@ -106,6 +106,10 @@ def _chunk_spans(dt, A, max_span, chunk_size):
     with torch.no_grad():
         steps = dt.detach().abs().double() * A.detach().abs().amax(dim=1).double()[:, None]  # [B, D, L]
         reach = F.pad(steps.cumsum(-1), (1, 0))  # reach[..., t] = sum of the steps before t
+        starts = list(range(0, length, chunk_size))
+        ends = starts[1:] + [length]
+        if bool(((reach[:, :, ends] - reach[:, :, starts]).amax() <= max_span).item()):
+            return list(zip(starts, ends))  # the usual case: full-length chunks everywhere
         bounds = []
         start = 0
         while start < length:
@@ -128,43 +132,94 @@ def _step(h, x, dt, A, B, C):
 # One chunk, T positions: h [B, D, N]; dtx = dt * u, dt [B, D, T]; B, C [B, N, T].
 # r is the midpoint of cs over the chunk (any r gives the same values, so r carries no
 # gradient); then |A (cs_t - r)| <= R / 2 and P = exp(A (cs - r)), 1 / P stay finite.
+#
+# The [B, D, N, T] tensors live in a workspace allocated once per call (fresh multi-MB
+# tensors per chunk cost page faults on CPU), and the chunk's cumulative sums over T are a
+# matmul with a triangular matrix of ones when T is short (faster than cumsum there).
+# ``monotone`` (dt >= 0, always so after softplus) lets the range of cs be read off its ends.
+
+_TRIANGLE_MAX = 32  # chunks up to this length sum over T with a matmul
 
 
-def _chunk_decay(dt, A):
+class _Workspace:
+    """``count`` buffers of [B, D, N, T] for chunks of any length T <= the longest."""
+
+    def __init__(self, count, like, n, longest):
+        batch, dim, _ = like.shape
+        self.shape = (batch, dim, n)
+        self.buffers = [like.new_empty(batch * dim * n * longest) for _ in range(count)]
+        self.triangles = {}
+
+    def views(self, T):
+        size = self.shape[0] * self.shape[1] * self.shape[2] * T
+        return [buffer[:size].view(*self.shape, T) for buffer in self.buffers]
+
+    def triangle(self, T, upper):
+        """[T, T] ones on and above (upper: x @ it is a cumsum) or below (a reverse cumsum) the diagonal."""
+        if (T, upper) not in self.triangles:
+            ones = self.buffers[0].new_ones(T, T)
+            self.triangles[T, upper] = ones.triu() if upper else ones.tril()
+        return self.triangles[T, upper]
+
+
+def _chunk_decay(dt, A, P, monotone):
+    """P <- exp(A (cs - r)) in place; returns r, cs - r and exp(A r) (the incoming state's decay)."""
     cs = dt.cumsum(-1)  # [B, D, T]
-    r = 0.5 * (cs.amax(-1, keepdim=True) + cs.amin(-1, keepdim=True))  # [B, D, 1]
+    if monotone:
+        r = 0.5 * (cs[..., :1] + cs[..., -1:])
+    else:
+        r = 0.5 * (cs.amax(-1, keepdim=True) + cs.amin(-1, keepdim=True))  # [B, D, 1]
     rel = cs - r  # [B, D, T]
-    P = (rel[:, :, None, :] * A[None, :, :, None]).exp_()  # [B, D, N, T]
-    return r, rel, torch.exp(A * r), P  # the incoming state decays by exp(A r) * P_t
+    torch.mul(rel[:, :, None, :], A[None, :, :, None], out=P).exp_()
+    return r, rel, torch.exp(A * r)
 
 
-def _chunk_forward(h, dtx, dt, A, B, C):
-    _, _, g, P = _chunk_decay(dt, A)
-    acc = torch.reciprocal(P).mul_(dtx[:, :, None, :]).mul_(B[:, None, :, :])
-    hs = acc.cumsum_(-1).add_((g * h)[..., None]).mul_(P)  # h_t for every t of the chunk
-    y = (hs * C[:, None, :, :]).sum(2)  # [B, D, T]
-    return y, hs[..., -1].clone()
+def _states(ws, W, h, g, P, out):
+    """out <- h_t for every t of the chunk: P * (cumsum_t(W) + g h), W = dtx B / P."""
+    T = W.shape[-1]
+    if T <= _TRIANGLE_MAX:
+        torch.addmm((g * h).reshape(-1, 1), W.view(-1, T), ws.triangle(T, upper=True), out=out.view(-1, T))
+    else:
+        torch.cumsum(W, -1, out=out).add_((g * h)[..., None])
+    return out.mul_(P)
 
 
-def _chunk_backward(h, dtx, dt, A, B, C, gy, gh):
+def _chunk_forward(ws, h, dtx, dt, A, B, C, monotone):
+    P, W, H = ws.views(dt.shape[-1])
+    _, _, g = _chunk_decay(dt, A, P, monotone)
+    torch.reciprocal(P, out=W).mul_(dtx[:, :, None, :]).mul_(B[:, None, :, :])
+    hs = _states(ws, W, h, g, P, out=H)
+    h_last = hs[..., -1].clone()
+    y = hs.mul_(C[:, None, :, :]).sum(2)  # [B, D, T]
+    return y, h_last
+
+
+def _chunk_backward(ws, h, dtx, dt, A, B, C, gy, gh, monotone):
     """Gradients of one chunk from gy [B, D, T] and gh (of its last state) [B, D, N]."""
-    r, rel, g, P = _chunk_decay(dt, A)
-    Q = torch.reciprocal(P)
-    Qw = Q * dtx[:, :, None, :] * B[:, None, :, :]
-    hs = Qw.cumsum(-1).add_((g * h)[..., None]).mul_(P)
-    ghs = C[:, None, :, :] * gy[:, :, None, :]  # dL/dh_t, direct part
+    T = dt.shape[-1]
+    P, Q, W, H, G = ws.views(T)
+    r, rel, g = _chunk_decay(dt, A, P, monotone)
+    torch.reciprocal(P, out=Q)
+    torch.mul(Q, dtx[:, :, None, :], out=W).mul_(B[:, None, :, :])  # W = dtx B / P
+    hs = _states(ws, W, h, g, P, out=H)
+    gC = torch.mul(hs, gy[:, :, None, :], out=G).sum(1)
+    ghs = torch.mul(C[:, None, :, :], gy[:, :, None, :], out=G)  # dL/dh_t, direct part
     ghs[..., -1] += gh
-    gC = (hs * gy[:, :, None, :]).sum(1)
-    gacc = ghs * P
+    gacc = P.mul_(ghs)
     g_gh = gacc.sum(-1)  # [B, D, N], of g * h
-    G = gacc.flip(-1).cumsum(-1).flip(-1)  # reverse cumsum; total - cumsum would cancel badly
-    ge = ghs.mul_(hs).addcmul_(G, Qw, value=-1)  # of the exponent A (cs - r)
+    ge = hs.mul_(ghs)  # ghs * hs, before G (holding ghs) is overwritten
+    # G_t = sum_{s >= t} gacc_s, a reverse cumsum (total - cumsum would cancel badly)
+    if T <= _TRIANGLE_MAX:
+        torch.matmul(gacc, ws.triangle(T, upper=False), out=G)
+    else:
+        G.copy_(gacc.flip(-1).cumsum(-1).flip(-1))
+    ge.addcmul_(G, W, value=-1)  # of the exponent A (cs - r)
     gw = G.mul_(Q)  # of w = dtx * B (this is the adjoint state)
-    gdtx = (gw * B[:, None, :, :]).sum(2)
-    gB = (gw * dtx[:, :, None, :]).sum(1)
-    grel = (ge * A[None, :, :, None]).sum(2)  # [B, D, T]
+    gdtx = torch.mul(gw, B[:, None, :, :], out=W).sum(2)
+    gB = torch.mul(gw, dtx[:, :, None, :], out=W).sum(1)
+    grel = torch.mul(ge, A[None, :, :, None], out=W).sum(2)  # [B, D, T]
     gdt = grel.flip(-1).cumsum(-1).flip(-1)
-    gA = (ge * rel[:, :, None, :]).sum((0, 3)) + (g_gh * g * h * r).sum(0)
+    gA = torch.mul(ge, rel[:, :, None, :], out=W).sum((0, 3)) + (g_gh * g * h * r).sum(0)
     return gdtx, gdt, gA, gB, gC, g_gh * g
 
 
@@ -178,15 +233,18 @@ class _ChunkedScan(torch.autograd.Function):
     @staticmethod
     def forward(ctx, dtx, dt, A, B, C, h0, chunk_size):
         bounds = _chunk_spans(dt, A, _MAX_SPAN[dt.dtype], chunk_size)
+        longest = max(end - start for start, end in bounds)
+        monotone = bool((dt >= 0).all())
+        ws = _Workspace(3, dtx, A.shape[1], longest)
         y = torch.empty_like(dtx)
         h = h0
         entering = []
         for start, end in bounds:
             entering.append(h)
             y[:, :, start:end], h = _chunk_forward(
-                h, dtx[:, :, start:end], dt[:, :, start:end], A, B[:, :, start:end], C[:, :, start:end]
+                ws, h, dtx[:, :, start:end], dt[:, :, start:end], A, B[:, :, start:end], C[:, :, start:end], monotone
             )
-        ctx.bounds = bounds
+        ctx.bounds, ctx.longest, ctx.monotone = bounds, longest, monotone
         ctx.save_for_backward(dtx, dt, A, B, C, torch.stack(entering))
         return y, h
 
@@ -194,13 +252,16 @@ class _ChunkedScan(torch.autograd.Function):
     @torch.autograd.function.once_differentiable
     def backward(ctx, gy, gh):
         dtx, dt, A, B, C, entering = ctx.saved_tensors
+        ws = _Workspace(5, dtx, A.shape[1], ctx.longest)
+        gy = gy.contiguous()
         gdtx, gdt = torch.empty_like(dtx), torch.empty_like(dt)
         gB, gC = torch.empty_like(B), torch.empty_like(C)
         gA = torch.zeros_like(A)
         for i in reversed(range(len(ctx.bounds))):
             s, e = ctx.bounds[i]
             grads = _chunk_backward(
-                entering[i], dtx[:, :, s:e], dt[:, :, s:e], A, B[:, :, s:e], C[:, :, s:e], gy[:, :, s:e], gh
+                ws, entering[i], dtx[:, :, s:e], dt[:, :, s:e], A, B[:, :, s:e], C[:, :, s:e], gy[:, :, s:e], gh,
+                ctx.monotone,
             )
             gdtx[:, :, s:e], gdt[:, :, s:e], gA_c, gB[:, :, s:e], gC[:, :, s:e], gh = grads
             gA += gA_c
