@@ -238,6 +238,17 @@ def build_parser() -> argparse.ArgumentParser:
     conv.add_argument("--partial", action="store_true",
                       help="thl-reference only: copy what maps exactly, keep strata's initialisation for the rest")
     conv.set_defaults(func=_cmd_convert)
+
+    # ---------------------------------------------------------------- bench
+    bench = sub.add_parser(
+        "bench", help="benchmarks: `strata bench kernels` times the sequence kernels (ref / torch / triton)",
+        description="`strata bench kernels [OPTIONS]` times every form of the selective scan, causal conv1d and "
+                    "retention kernels side by side, with transformers' Mamba and (on a GPU) mamba-ssm and fla "
+                    "as references. `strata bench kernels --help` lists its options.",
+    )
+    bench.add_argument("target", choices=("kernels",), help="what to benchmark")
+    bench.add_argument("bench_args", nargs=argparse.REMAINDER, metavar="...", help="options of the benchmark")
+    bench.set_defaults(func=_cmd_bench)
     return parser
 
 
@@ -360,6 +371,12 @@ def _cmd_convert(args) -> int:
         print(f"not exact: {reason}")
     print(f"converted {args.src} ({args.source_format}) -> {dst}: " + ", ".join(sorted(p.name for p in dst.iterdir())))
     return 0
+
+
+def _cmd_bench(args) -> int:
+    from strata.kernels.bench_kernels import main as bench_kernels
+
+    return bench_kernels(args.bench_args, prog=f"strata bench {args.target}")
 
 
 def main(argv: list[str] | None = None) -> int:

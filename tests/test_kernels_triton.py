@@ -310,3 +310,25 @@ class TestTritonBackendEndToEnd(Interpreted):
             assert torch.equal(fast.generate(ids, **kw), base.generate(ids, **kw))
         with pytest.raises(ValueError, match="kernel_backend"):
             RetMambaConfig.from_preset("tiny", kernel_backend="cuda")
+
+
+def test_strata_bench_kernels_cli(tmp_path):
+    """`strata bench kernels` runs and writes its figures (smallest section only: a smoke run)."""
+    import json
+
+    from strata.cli import main
+
+    out = tmp_path / "kernels.json"
+    assert main(["bench", "kernels", "--quick", "--sections", "conv", "--repeats", "1", "--device", "cpu",
+                 "--json", str(out)]) == 0
+    result = json.loads(out.read_text())
+    (group,) = result["groups"]
+    assert [r["form"] for r in group["rows"]][:2] == ["strata causal_conv1d ref (tap loop)",
+                                                       "strata causal_conv1d torch (F.conv1d)"]
+    assert all(r["total_ms"] > 0 and r["speedup"] > 0 for r in group["rows"])
+    assert result["machine"]["device"] == "cpu"
+    with pytest.raises(SystemExit, match="sections"):
+        main(["bench", "kernels", "--sections", "everything"])
+
+
+test_strata_bench_kernels_cli.__test__ = not INTERPRETED
