@@ -17,7 +17,7 @@
   constraint loss, feeds the training progress to the optimizer and skips a batch whose
   loss is not finite (log line, no backward). Gradient accumulation, clipping
   (``max_grad_norm``), bf16 autocast (``bf16=True``) and the schedule
-  (``lr_scheduler_type="cosine"``, ``warmup_ratio``) are Trainer's own.
+  (``lr_scheduler_type="cosine"``, ``warmup_steps=0.1`` as a ratio) are Trainer's own.
   ``NestedOptimizer`` also works in a plain ``Trainer(optimizers=(opt, None))``, with
   ``NestedProgressCallback`` for the progress.
 """
