@@ -158,6 +158,28 @@ def _describe_tiny_onn(config) -> str:
     ])
 
 
+def _describe_mt_hope(config) -> str:
+    mixers = {"R": "complex gated recurrence", "I": "incidence attention"}
+    blocks = ", ".join(mixers[c] for c in config.layer_pattern)
+    mobius = (f"each followed by an adaptive Möbius coupling ({config.num_mobius_cycles} cycles"
+              f"{', chirality flip' if config.mobius_chirality_flip else ''}"
+              f"{', conjugation' if config.mobius_conjugate else ''})" if config.use_mobius else "without Möbius couplings")
+    lines = [
+        f"- twistor stream: omega and pi, {config.dim // 2} complex channels each (width {config.hidden_size}).",
+        f"- {len(config.layer_pattern)} sequence blocks ({blocks}), {mobius}.",
+    ]
+    if config.use_neural_memory:
+        lines.append(f"- Titans neural memory: {config.memory_heads} heads, 2-layer MLP memories of width "
+                     f"{config.memory_hidden_size}, trained at test time by gradient descent with momentum and "
+                     f"forgetting, chunks of {config.memory_chunk_size} tokens.")
+    if config.use_memory_system:
+        lines.append(f"- slot memory: {config.num_memories} slots, {config.num_memory_cycles} update cycles per "
+                     f"token{', phase compression' if config.phase_compression else ''}.")
+    lines.append(f"- continuum memory: {len(config.cms_periods)} MLP levels with update periods "
+                 f"{config.cms_periods} tokens (`model.continual_update`).")
+    return "\n".join(lines)
+
+
 ARCHITECTURE_CARDS: dict[str, ArchitectureCard] = {
     "retmamba": ArchitectureCard(
         title="RetMamba (RetNet x Mamba fusion)",
@@ -219,6 +241,27 @@ ARCHITECTURE_CARDS: dict[str, ArchitectureCard] = {
             "on this implementation; it shapes what the model learns, not its speed.",
             "Word ids during generation need the tokenizer (`generate(..., tokenizer=tok)`); without it the "
             "word term is left out.",
+        ),
+    ),
+    "mt_hope": ArchitectureCard(
+        title="MT-HOPE (Möbius-twistor recurrent LM with HOPE memories)",
+        tags=("recurrent", "test-time-training", "titans", "continual-learning", "complex-valued"),
+        summary=(
+            "MT-HOPE is an attention-free recurrent language model. Every token is a twistor: two complex "
+            "vectors (omega and pi) stored as real and imaginary parts. Complex gated linear recurrences mix "
+            "the sequence; between them, input-conditioned Möbius maps z -> (az + b)/(cz + d), kept well "
+            "conditioned, couple the layers. A Titans neural memory, a small MLP per head, is trained while "
+            "the model reads, by gradient descent with momentum and forgetting on an associative loss, so "
+            "the model keeps learning inside a long text. A slot memory and a chain of MLP levels updating "
+            "at different frequencies (HOPE's continuum memory) follow; the latter supports continual "
+            "learning of new text. All state has a fixed size, so each new token costs the same however "
+            "long the text already is."
+        ),
+        describe=_describe_mt_hope,
+        limits=(
+            "The Titans memory is computed in chunks with a Python loop over chunks; training is slower "
+            "per token than a Transformer of the same size on short texts.",
+            "Bidirectional configurations are encoders only (`MTHopeModel`); they cannot generate.",
         ),
     ),
     "hmtr": ArchitectureCard(
