@@ -337,3 +337,18 @@ def test_seed_presets():
         assert (c.dim, len(c.layer_pattern), c.num_nested_levels, c.num_memories, c.bidirectional) == (
             dim, layers, levels, memories, bidi)
         assert "I" not in c.layer_pattern  # attention-free, as the seed says
+
+
+def test_readme_parameter_counts_are_the_real_ones():
+    import re
+    from pathlib import Path
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text(encoding="utf-8")
+    for preset in ("tiny", "small", "medium", "recommended", "large"):
+        row = next(line for line in readme.splitlines() if line.startswith(f"| `{preset}`"))
+        written = int(re.findall(r"\| ([\d,]{6,}) \|", row)[0].replace(",", ""))
+        config = MTHopeConfig.from_preset(preset)
+        with torch.device("meta"):
+            model = MTHopeModel(config)
+        tied = {id(p): p for p in model.parameters()}
+        assert sum(p.numel() for p in tied.values()) == written, preset
