@@ -203,7 +203,8 @@ class _TritonRetention(torch.autograd.Function):
         f32 = dict(dtype=torch.float32, device=q.device)
         states = torch.empty(batch * heads, n_chunks, dk, dv, **f32)
         sT = torch.empty(batch, heads, dk, dv, **f32)
-        blocks = dict(BT=BT, BK=BK, BV=BV, PRECISION=precision)
+        # [64, 64] fp32 tiles: 8 warps keep more of them in registers
+        blocks = dict(BT=BT, BK=BK, BV=BV, PRECISION=precision, num_warps=8 if BT * max(BK, BV) >= 4096 else 4)
         _states_fwd[(batch * heads,)](k, v, ld, s0, states, sT, length, dk, dv, n_chunks,
                                       HAS_S0=s0 is not None, **blocks)
         o = torch.empty(batch, heads, length, dv, dtype=q.dtype, device=q.device)
