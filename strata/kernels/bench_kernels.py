@@ -112,10 +112,15 @@ def _sync(device):
         torch.cuda.synchronize(device)
 
 
-def measure(fn, inputs: dict, repeats: int, device: torch.device, backward: bool = True) -> dict:
-    """Median forward / backward wall and CPU milliseconds of fn(**inputs) (one untimed call first)."""
+def measure(fn, inputs: dict, repeats: int, device: torch.device, warmup: bool = True) -> dict:
+    """Median forward / backward wall and CPU milliseconds of fn(**inputs).
+
+    With ``warmup`` one untimed call comes first (allocator, Triton compilation); the
+    sequential forms, whose single call takes seconds, are timed without one.
+    """
     rows = {"fwd_ms": [], "bwd_ms": [], "fwd_cpu_ms": [], "bwd_cpu_ms": []}
-    for i in range(repeats + 1):
+    first = 0 if warmup else 1
+    for i in range(first, repeats + 1):
         for t in inputs.values():
             if isinstance(t, torch.Tensor) and t.grad is not None:
                 t.grad = None
@@ -125,9 +130,8 @@ def measure(fn, inputs: dict, repeats: int, device: torch.device, backward: bool
         out = out[0] if isinstance(out, tuple) else out
         _sync(device)
         w1, c1 = time.perf_counter(), time.process_time()
-        if backward:
-            out.float().sum().backward()
-            _sync(device)
+        out.float().sum().backward()
+        _sync(device)
         w2, c2 = time.perf_counter(), time.process_time()
         if i == 0:
             continue  # warm-up (and Triton compilation)
@@ -143,11 +147,13 @@ def measure(fn, inputs: dict, repeats: int, device: torch.device, backward: bool
 
 
 def run_group(title: str, forms: list, make_inputs, args, device, fwd_bytes: int | None = None) -> dict:
-    """Time every (name, fn, repeats) of ``forms`` on fresh inputs; print a table; return the rows."""
+    """Time every (name, fn, sequential) of ``forms`` on fresh inputs; print a table; return the rows."""
     before = _cpu_counters()
     rows = []
-    for name, fn, repeats in forms:
-        rows.append(dict(form=name, **measure(fn, make_inputs(), repeats, device)))
+    for name, fn, sequential in forms:
+        repeats = args.slow_repeats if sequential else args.repeats
+        warmup = not sequential or device.type == "cuda"
+        rows.append(dict(form=name, **measure(fn, make_inputs(), repeats, device, warmup), sequential=sequential))
     share = _foreign_share(before, _cpu_counters())
     key = "total_cpu_ms" if args.clock == "cpu" else "total_ms"
     base = rows[0][key]
@@ -289,8 +295,8 @@ def build_parser(prog=None) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog=prog, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="small sizes (smoke run)")
     parser.add_argument("--repeats", type=int, default=5, help="timed repeats of the fast forms (median; default 5)")
-    parser.add_argument("--slow-repeats", type=int, default=2,
-                        help="timed repeats of the sequential forms (median; default 2)")
+    parser.add_argument("--slow-repeats", type=int, default=1,
+                        help="timed repeats of the sequential forms (median; no warm-up call on CPU; default 1)")
     parser.add_argument("--chunk-size", type=int, default=64, help="chunk length of the chunked forms (default 64)")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     parser.add_argument("--clock", choices=("wall", "cpu"), default="wall",
@@ -319,7 +325,7 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
         raise ValueError(f"--sections: unknown {sorted(unknown)}; choose among scan, mixer, conv, retention")
     gpu = device.type == "cuda"
     use_triton = gpu and triton_installed()
-    cs, fast, slow = args.chunk_size, args.repeats, args.slow_repeats
+    cs = args.chunk_size
     info = machine_info(device)
     info["clock"] = args.clock
     info["load_average_before"] = os.getloadavg()
@@ -329,17 +335,17 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
 
     if "scan" in sections:
         b, d, n, length = (2, 64, 16, 256) if args.quick else (4, 512, 16, 2048)
-        forms = [("strata selective_scan ref (sequential)", lambda **kw: selective_scan(**kw, backend="ref"), slow)]
+        forms = [("strata selective_scan ref (sequential)", lambda **kw: selective_scan(**kw, backend="ref"), True)]
         hf = hf_mamba_scan()
         if hf is not None:
-            forms.append(("transformers mamba_selective_scan (HF Mamba's torch path)", hf, slow))
+            forms.append(("transformers mamba_selective_scan (HF Mamba's torch path)", hf, True))
         forms.append(("strata selective_scan torch (chunked)",
-                      lambda **kw: selective_scan(**kw, backend="torch", chunk_size=cs), fast))
+                      lambda **kw: selective_scan(**kw, backend="torch", chunk_size=cs), False))
         if use_triton:
             forms.append(("strata selective_scan triton",
-                          lambda **kw: selective_scan(**kw, backend="triton", chunk_size=cs), fast))
+                          lambda **kw: selective_scan(**kw, backend="triton", chunk_size=cs), False))
         if gpu and mamba_ssm_scan() is not None:
-            forms.append(("mamba-ssm selective_scan_fn (CUDA)", mamba_ssm_scan(), fast))
+            forms.append(("mamba-ssm selective_scan_fn (CUDA)", mamba_ssm_scan(), False))
         fwd_bytes = elt * (4 * b * d * length + 2 * b * n * length)  # read u, delta, z, B, C; write y
         groups.append(run_group(f"selective scan  B={b} D={d} N={n} L={length} {args.dtype if gpu else 'float32'}"
                                 "  (fwd + bwd)", forms, lambda: scan_inputs(b, d, n, length, device, dtype),
@@ -356,8 +362,8 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
             groups.append(run_group(
                 f"Mamba mixer  B={b} L={length} width={width} state={state}  (fwd + bwd, same weights)",
                 [("transformers MambaMixer (its path without mamba-ssm)" if not gpu else "transformers MambaMixer",
-                  lambda x: hf_mixer(x), slow),
-                 ("strata MambaMixer (default kernels)", lambda x: our_mixer(x), fast)],
+                  lambda x: hf_mixer(x), True),
+                 ("strata MambaMixer (default kernels)", lambda x: our_mixer(x), False)],
                 lambda: dict(x=torch.randn(b, length, width, device=device, dtype=dtype, requires_grad=True)),
                 args, device))
             print_ratio(groups[-1], "strata MambaMixer", "transformers MambaMixer", args.clock)
@@ -372,30 +378,30 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
                         bias=torch.randn(d, generator=gen).to(device).requires_grad_())
 
         forms = [("strata causal_conv1d ref (tap loop)",
-                  lambda **kw: causal_conv1d(**kw, activation="silu", backend="ref"), fast),
+                  lambda **kw: causal_conv1d(**kw, activation="silu", backend="ref"), False),
                  ("strata causal_conv1d torch (F.conv1d)",
-                  lambda **kw: causal_conv1d(**kw, activation="silu", backend="torch"), fast)]
+                  lambda **kw: causal_conv1d(**kw, activation="silu", backend="torch"), False)]
         if use_triton:
             forms.append(("strata causal_conv1d triton",
-                          lambda **kw: causal_conv1d(**kw, activation="silu", backend="triton"), fast))
+                          lambda **kw: causal_conv1d(**kw, activation="silu", backend="triton"), False))
         if gpu and mamba_ssm_installed():
             forms.append(("causal-conv1d package (CUDA)",
-                          lambda **kw: gpu_form("causal_conv1d", "mamba_ssm")(**kw, activation="silu"), fast))
+                          lambda **kw: gpu_form("causal_conv1d", "mamba_ssm")(**kw, activation="silu"), False))
         groups.append(run_group(f"causal conv1d  B={b} D={d} L={length} W={w}  (fwd + bwd)", forms, conv_in,
                                 args, device, elt * 2 * b * d * length))
 
     if "retention" in sections:
         b, h, length, dh = (1, 2, 256, 32) if args.quick else (2, 4, 2048, 64)
         for per_token in (False, True):
-            forms = [("strata retention ref (recurrent)", lambda **kw: retention(**kw, backend="ref"), slow),
-                     ("strata retention parallel (O(L^2))", lambda **kw: retention(**kw, backend="parallel"), slow),
+            forms = [("strata retention ref (recurrent)", lambda **kw: retention(**kw, backend="ref"), True),
+                     ("strata retention parallel (O(L^2))", lambda **kw: retention(**kw, backend="parallel"), True),
                      ("strata retention chunked (torch)",
-                      lambda **kw: retention(**kw, backend="chunked", chunk_size=cs), fast)]
+                      lambda **kw: retention(**kw, backend="chunked", chunk_size=cs), False)]
             if use_triton:
                 forms.append(("strata retention triton",
-                              lambda **kw: retention(**kw, backend="triton", chunk_size=cs), fast))
+                              lambda **kw: retention(**kw, backend="triton", chunk_size=cs), False))
             if gpu and fla_retention() is not None:
-                forms.append(("fla chunk_simple_gla (Triton reference)", fla_retention(), fast))
+                forms.append(("fla chunk_simple_gla (Triton reference)", fla_retention(), False))
             kind = "log_decay [B, H, L]" if per_token else "log_decay [H]"
             groups.append(run_group(
                 f"retention  B={b} H={h} L={length} Dk=Dv={dh}, {kind}  (fwd + bwd)", forms,
