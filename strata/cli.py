@@ -249,6 +249,32 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("target", choices=("kernels",), help="what to benchmark")
     bench.add_argument("bench_args", nargs=argparse.REMAINDER, metavar="...", help="options of the benchmark")
     bench.set_defaults(func=_cmd_bench)
+
+    # ---------------------------------------------------------------- experiment
+    expt = sub.add_parser(
+        "experiment", help="run a declared grid (architectures x presets x tasks x seeds) and write a report",
+        description="Train and score every model of an experiment file on every task and seed (language "
+                    "modelling, MQAR, selective copying, induction heads, ListOps), measure efficiency, and "
+                    "write results.jsonl, report.md and figures. Finished runs are not re-run "
+                    "(docs/experiments.md).",
+        epilog="examples:\n  strata experiment experiments/seed003_fusion.yaml\n"
+               "  strata experiment experiments/all_architectures.yaml --quick\n"
+               "  strata experiment experiments/seed003_fusion.yaml --output-dir docs/results/seed003_fusion\n"
+               "  strata experiment experiments/seed003_fusion.yaml --report-only",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    expt.add_argument("config", metavar="CONFIG.yaml", help="experiment file (see experiments/ and docs/experiments.md)")
+    expt.add_argument("--output-dir", "--output_dir", dest="output_dir", default=None,
+                      help="report folder (default: outputs/experiments/NAME, NAME-quick with --quick)")
+    expt.add_argument("--quick", action="store_true",
+                      help="smoke-test size: the file's `quick:` section (or short defaults), one seed")
+    expt.add_argument("--report-only", dest="report_only", action="store_true",
+                      help="rebuild report.md and the figures from results.jsonl without running anything")
+    expt.add_argument("--dry-run", dest="dry_run", action="store_true", help="validate the file, list the runs, stop")
+    expt.add_argument("--threads", type=_positive_int, default=None,
+                      help="torch CPU threads (default: the file's `threads`, else 1)")
+    expt.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
+    expt.set_defaults(func=_cmd_experiment)
     return parser
 
 
@@ -371,6 +397,33 @@ def _cmd_convert(args) -> int:
         print(f"not exact: {reason}")
     print(f"converted {args.src} ({args.source_format}) -> {dst}: " + ", ".join(sorted(p.name for p in dst.iterdir())))
     return 0
+
+
+def _cmd_experiment(args) -> int:
+    import shlex
+
+    from strata.experiment import load_config, run_experiment
+    from strata.experiment.report import write_report
+
+    config = load_config(args.config, quick=args.quick)
+    if args.threads is not None:
+        config.threads = args.threads
+    output_dir = args.output_dir or os.path.join("outputs", "experiments", config.name)
+    if args.dry_run:
+        for run in config.runs():
+            print(f"{run.run_id}  {run.label}")
+        print(f"{len(config.runs())} runs; report folder {output_dir}")
+        return 0
+    if args.report_only:
+        print(f"wrote {write_report(config, output_dir)}")
+        return 0
+    command = " ".join(["strata experiment", shlex.quote(args.config)] + (["--quick"] if args.quick else [])
+                       + (["--output-dir", shlex.quote(args.output_dir)] if args.output_dir else [])
+                       + (["--threads", str(args.threads)] if args.threads is not None else []))
+    result = run_experiment(config, output_dir, progress=args.progress, command=command)
+    print(f"ran {result['ran']} run(s), reused {result['reused']}; {result['errors']} failed, "
+          f"{result['skipped']} skipped; report: {result['report']}")
+    return 1 if result["errors"] else 0
 
 
 def _cmd_bench(args) -> int:
