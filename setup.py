@@ -36,6 +36,7 @@ setup(
         "triton": ["triton>=3.0,<3.10"],
         "cuda": ["mamba-ssm>=2.2", "causal-conv1d>=1.4"],
         "bench": ["matplotlib>=3.7"],
+        "experiment": ["matplotlib>=3.7"],  # figures of `strata experiment`
         "onnx": ["onnx>=1.17,<1.24", "onnxscript>=0.5,<0.8", "onnxruntime>=1.20,<1.33"],
         "test": [
             "pytest>=8", "pytest-xdist>=3", "hypothesis>=6.100", "matplotlib>=3.7", "psutil>=5.9",
