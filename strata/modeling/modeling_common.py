@@ -5,6 +5,9 @@
   vocabulary, empty input, attention masks of the wrong shape, foreign caches);
 - derives position ids and the per-token padding mask from the 2D attention mask, so
   a left-padded batch computes exactly what each row computes alone;
+- puts the LM head and loss over a base model's output (``causal_lm_output``), the same
+  for every ``XForCausalLM`` (embedding accessors come from transformers' defaults:
+  ``embed_tokens`` on the base model, ``model.embed_tokens`` and ``lm_head`` on the LM);
 - writes, on every ``save_pretrained`` (also Trainer checkpoints and ``push_to_hub``),
   the flat code bundle and ``auto_map`` that let the folder load with
   ``trust_remote_code=True`` where strata is not installed.
@@ -17,6 +20,7 @@ import os
 import torch
 from transformers import PreTrainedModel
 from transformers.cache_utils import Cache
+from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from strata.conversion.code_bundle import write_code_bundle
 from strata.modeling.cache_recurrent import RecurrentCache
@@ -33,6 +37,20 @@ class StrataPreTrainedModel(PreTrainedModel):
     def _supports_default_dynamic_cache(cls) -> bool:
         # `generate` must not build a DynamicCache: the model creates its RecurrentCache.
         return False
+
+    # ------------------------------------------------------------------ LM head
+    def causal_lm_output(self, out, labels=None, logits_to_keep: int = 0, **loss_kwargs) -> CausalLMOutputWithPast:
+        """Logits of the last ``logits_to_keep`` positions (0: all) and, given labels, the loss."""
+        h = out.last_hidden_state
+        if logits_to_keep:
+            h = h[:, -logits_to_keep:]
+        logits = self.lm_head(h)
+        loss = None
+        if labels is not None:
+            loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.vocab_size, **loss_kwargs)
+        return CausalLMOutputWithPast(
+            loss=loss, logits=logits, past_key_values=out.past_key_values, hidden_states=out.hidden_states
+        )
 
     # ------------------------------------------------------------------ inputs
     def check_inputs(self, input_ids, inputs_embeds, attention_mask, cache) -> tuple[int, int]:

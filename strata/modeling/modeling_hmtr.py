@@ -330,12 +330,6 @@ class HMTRModel(HMTRPreTrainedModel):
         self.gradient_checkpointing = False
         self.post_init()
 
-    def get_input_embeddings(self):
-        return self.embed_tokens
-
-    def set_input_embeddings(self, value):
-        self.embed_tokens = value
-
     # ------------------------------------------------------------------ state
     def read_state(self, cache: RecurrentCache | None, batch: int) -> dict | None:
         """The decoder/bookkeeping state held by ``cache`` (None when it is empty)."""
@@ -594,18 +588,6 @@ class HMTRForCausalLM(HMTRPreTrainedModel, BlockGenerationMixin):
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         self.post_init()
 
-    def get_input_embeddings(self):
-        return self.model.embed_tokens
-
-    def set_input_embeddings(self, value):
-        self.model.embed_tokens = value
-
-    def get_output_embeddings(self):
-        return self.lm_head
-
-    def set_output_embeddings(self, value):
-        self.lm_head = value
-
     def forward(
         self,
         input_ids: torch.LongTensor | None = None,
@@ -625,16 +607,7 @@ class HMTRForCausalLM(HMTRPreTrainedModel, BlockGenerationMixin):
             past_key_values=past_key_values, inputs_embeds=inputs_embeds, use_cache=use_cache,
             output_hidden_states=output_hidden_states,
         )
-        h = out.last_hidden_state
-        if logits_to_keep:
-            h = h[:, -logits_to_keep:]
-        logits = self.lm_head(h)
-        loss = None
-        if labels is not None:
-            loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.vocab_size, **kwargs)
-        return CausalLMOutputWithPast(
-            loss=loss, logits=logits, past_key_values=out.past_key_values, hidden_states=out.hidden_states
-        )
+        return self.causal_lm_output(out, labels, logits_to_keep, **kwargs)
 
     # ------------------------------------------------------------------ stage 1: autoencoder
     def autoencoder_loss(self, input_ids: torch.LongTensor, labels: torch.LongTensor | None = None,

@@ -649,12 +649,6 @@ class THLModel(THLPreTrainedModel):
         self.gradient_checkpointing = False
         self.post_init()
 
-    def get_input_embeddings(self):
-        return self.embed_tokens
-
-    def set_input_embeddings(self, value):
-        self.embed_tokens = value
-
     def initial_state(self, batch: int, device=None) -> dict:
         weight = self.embed_tokens.weight
         return init_state(self.config, batch, device or weight.device, weight.dtype)
@@ -741,18 +735,6 @@ class THLForCausalLM(THLPreTrainedModel, BlockGenerationMixin):
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         self.post_init()
 
-    def get_input_embeddings(self):
-        return self.model.embed_tokens
-
-    def set_input_embeddings(self, value):
-        self.model.embed_tokens = value
-
-    def get_output_embeddings(self):
-        return self.lm_head
-
-    def set_output_embeddings(self, value):
-        self.lm_head = value
-
     def streaming_units(self) -> list[tuple[str, nn.Module]]:
         """The modules, in execution order, that the layered inference engine moves to the
         device one at a time (the recurrent core runs every token, so it is one unit)."""
@@ -779,16 +761,7 @@ class THLForCausalLM(THLPreTrainedModel, BlockGenerationMixin):
             past_key_values=past_key_values, inputs_embeds=inputs_embeds, use_cache=use_cache,
             output_hidden_states=output_hidden_states, logits_to_keep=logits_to_keep if labels is None else 0,
         )
-        h = out.last_hidden_state
-        if logits_to_keep:
-            h = h[:, -logits_to_keep:]
-        logits = self.lm_head(h)
-        loss = None
-        if labels is not None:
-            loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.vocab_size, **kwargs)
-        return CausalLMOutputWithPast(
-            loss=loss, logits=logits, past_key_values=out.past_key_values, hidden_states=out.hidden_states
-        )
+        return self.causal_lm_output(out, labels, logits_to_keep, **kwargs)
 
 
 class TBPTTStream:
