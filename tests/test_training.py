@@ -62,6 +62,17 @@ def test_blocks_are_exact_and_split_90_10_like_nanogpt(char_tokenizer, shakespea
     assert data.tokens_per_char == 1.0
 
 
+def test_in_memory_split_is_packed_as_one_stream(char_tokenizer, tmp_path):
+    # 2,500 paragraphs: more than one map batch; only one remainder per split may be dropped
+    path = tmp_path / "poems.txt"
+    path.write_text("\n\n".join(f"poem {i}: line" for i in range(2500)), encoding="utf-8")
+    data = prepare_lm_data(char_tokenizer, path, block_size=97, sample_by="paragraph")
+    splits = load_text_splits(path, sample_by="paragraph")
+    for name, split in (("train", data.train), ("validation", data.validation)):
+        tokens = sum(len(char_tokenizer(row["text"], add_special_tokens=False)["input_ids"]) for row in splits[name])
+        assert len(split) == tokens // 97, name  # per-batch packing gives 382 train blocks, not 384
+
+
 def test_streaming_gives_the_same_blocks(char_tokenizer):
     eager = prepare_lm_data(char_tokenizer, "tinyshakespeare", block_size=48)
     lazy = prepare_lm_data(char_tokenizer, "tinyshakespeare", block_size=48, streaming=True)

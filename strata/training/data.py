@@ -7,7 +7,8 @@
                                                            {"input_ids": block, "labels": block}
 
 Labels equal the inputs: the model shifts them by one inside its loss, as every
-Transformers causal LM does. The remainder shorter than one block is dropped.
+Transformers causal LM does. The remainder shorter than one block is dropped (once per
+split in memory; once per map batch of 1,000 rows when streaming).
 
 The split follows nanoGPT: with ``sample_by="document"`` (one row per file) every
 document is cut at 90% of its characters, so on tinyshakespeare the training text is
@@ -126,8 +127,12 @@ def pack_blocks(token_rows: list[list[int]], block_size: int) -> dict[str, list[
     return {"input_ids": blocks, "labels": [list(b) for b in blocks]}
 
 
-def tokenize_and_pack(texts, tokenizer, block_size: int, map_batch_size: int = 1000):
-    """Map a text dataset (``"text"`` column) to blocks of ``block_size`` tokens."""
+def tokenize_and_pack(texts, tokenizer, block_size: int, map_batch_size: int | None = 1000):
+    """Map a text dataset (``"text"`` column) to blocks of ``block_size`` tokens.
+
+    Rows are packed per map batch of ``map_batch_size`` rows (None: the whole dataset at
+    once), so each batch drops its own remainder of fewer than ``block_size`` tokens.
+    """
     if block_size < 2:
         raise ValueError(f"`block_size` must be at least 2 (one input and one next token), got {block_size}")
 
@@ -155,8 +160,11 @@ def prepare_lm_data(tokenizer, corpus: str | os.PathLike = "tinyshakespeare", bl
     """Train and validation blocks of a corpus, tokenized with ``tokenizer``."""
     path, info = resolve_corpus(corpus)
     texts = load_text_splits(corpus, sample_by=sample_by, streaming=streaming)
-    train = tokenize_and_pack(texts["train"], tokenizer, block_size)
-    validation = tokenize_and_pack(texts["validation"], tokenizer, block_size)
+    # In memory, each split is packed as one sequence (one remainder dropped per split);
+    # streaming packs per map batch of rows.
+    map_batch_size = 1000 if streaming else None
+    train = tokenize_and_pack(texts["train"], tokenizer, block_size, map_batch_size)
+    validation = tokenize_and_pack(texts["validation"], tokenizer, block_size, map_batch_size)
     if not streaming:
         if len(train) == 0 or len(validation) == 0:
             raise ValueError(
