@@ -102,7 +102,7 @@ def chunked_scan(log_decay, x_re, x_im=None, angle=None, h0_re=None, h0_im=None,
     """
     B, T = x_re.shape[:2]
     rest = x_re.shape[2:]
-    C = chunk_size
+    C = min(chunk_size, T)  # the result does not depend on the chunking: no padding for short inputs
     pad = (-T) % C
     is_complex = x_im is not None or angle is not None or h0_im is not None
     f32 = torch.float32
@@ -630,6 +630,22 @@ class TwistorSelfModifyingRecurrent(nn.Module):
         new = dict(grad_w1=pick(g1), grad_w2=pick(g2), w1=w[0], w2=w[1], s1=s[0], s2=s[1], memory_pos=pos0 + n)
         return y, new
 
+    def memorize_one(self, q, k, v, log_eta, theta, log_beta, m, state):
+        """``memorize`` for one real token per row (decoding): a chunk of one slot, no layout.
+
+        Padding slots of a chunk contribute nothing, so the token's own slot is all that
+        ``memorize`` would compute; the chunk-start weights are the current ones when the
+        token opens a chunk.
+        """
+        at_boundary = (state[NM_POS] % self.chunk_size == 0)[:, None, None, None]
+        grad_w = (torch.where(at_boundary, state["w1"], state["grad_w1"]),
+                  torch.where(at_boundary, state["w2"], state["grad_w2"]))
+        y, w, s = neural_memory_chunk(q, k, v, log_eta, theta, log_beta, m, grad_w,
+                                      (state["w1"], state["w2"]), (state["s1"], state["s2"]))
+        new = dict(grad_w1=grad_w[0], grad_w2=grad_w[1], w1=w[0], w2=w[1], s1=s[0], s2=s[1],
+                   memory_pos=state[NM_POS] + 1)
+        return y, new
+
     def forward(self, u, positions=None, attention_mask=None, token_mask=None, cache=None):
         B, T, _ = u.shape
         layer = cache.layer(self.layer_idx) if cache is not None else None
@@ -638,7 +654,10 @@ class TwistorSelfModifyingRecurrent(nn.Module):
         else:
             state = self.initial_state(B, u.device)
         q, k, v, log_eta, theta, log_beta, m = self.project(u, token_mask)
-        y, new = self.memorize(q, k, v, log_eta, theta, log_beta, m, state)
+        if T == 1 and token_mask is None:
+            y, new = self.memorize_one(q, k, v, log_eta, theta, log_beta, m, state)
+        else:
+            y, new = self.memorize(q, k, v, log_eta, theta, log_beta, m, state)
         if cache is not None:
             cache.set(self.layer_idx, **new)
         y = y.transpose(1, 2).reshape(B, T, -1).to(u.dtype)
