@@ -133,6 +133,10 @@ def test_report_structure(grid_run):
     for task in config.tasks:
         assert f"### {task['name']} ({task['kind']})" in text
         assert f"**{task['name']}**" in text  # a finding per task
+    # the focus model against every other one, per task; the unregistered model has no values
+    focus = text.split("### Every model against transformer", 1)[1].split("\n## ", 1)[0]
+    assert "| **transformer** (value) |" in focus and "| retnet | " in focus
+    assert "| future | - | - | - | - | - |" in focus
     assert "CPU" in text and "load average" in text
     assert "not_landed_yet" in text
     for name in FIGURES.values():

@@ -202,6 +202,38 @@ def efficiency_findings(res: Results) -> list[str]:
     return lines
 
 
+def focus_table(res: Results) -> str:
+    """Every model's primary metric minus the focus model's, per task (positive: the focus model is better)."""
+    focus = res.config.focus
+    if focus is None:
+        return ""
+    header, rows = ["model"], []
+    columns = []
+    for task in res.config.tasks:
+        cls = TASK_KINDS[task["kind"]]
+        ref = res.metric(focus, task["name"], cls.PRIMARY)
+        if ref:
+            columns.append((task, cls, statistics.fmean(ref)))
+            header.append(f"{task['name']} ({cls.PRIMARY})")
+    if not columns:
+        return ""
+    rows.append([f"**{focus}** (value)"] + [_fmt(ref) for _, _, ref in columns])
+    for m in res.config.models:
+        if m.name == focus:
+            continue
+        row = [m.name]
+        for task, cls, ref in columns:
+            values = res.metric(m.name, task["name"], cls.PRIMARY)
+            if not values:
+                row.append("-")
+                continue
+            # positive = the focus model is better
+            diff = (statistics.fmean(values) - ref) if cls.LOWER_IS_BETTER else (ref - statistics.fmean(values))
+            row.append(f"{diff:+.3f}")
+        rows.append(row)
+    return _table(header, rows)
+
+
 # ----------------------------------------------------------------------------- figures
 def _figures(res: Results, out: Path) -> dict[str, str]:
     try:
@@ -209,6 +241,7 @@ def _figures(res: Results, out: Path) -> dict[str, str]:
 
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
+        from matplotlib.ticker import FuncFormatter, MaxNLocator
     except ImportError:
         return {}
     made = {}
@@ -263,6 +296,8 @@ def _figures(res: Results, out: Path) -> dict[str, str]:
             ax.set_title(f"{task['name']} ({cls.PRIMARY}, {'lower' if cls.LOWER_IS_BETTER else 'higher'} is better)",
                          fontsize=9)
             ax.set_xlabel("non-embedding parameters")
+            ax.xaxis.set_major_locator(MaxNLocator(4))
+            ax.xaxis.set_major_formatter(FuncFormatter(lambda x, _: f"{x / 1e3:,.0f}k"))
             ax.set_ylabel(cls.PRIMARY)
             ax.grid(alpha=0.3)
         fig.tight_layout()
@@ -287,7 +322,8 @@ def _figures(res: Results, out: Path) -> dict[str, str]:
             ax.set_xlabel("context length (tokens)")
             ax.set_title(label, fontsize=10)
             ax.grid(alpha=0.3)
-        axes[0].legend(fontsize=7)
+        if axes[0].get_legend_handles_labels()[0]:
+            axes[0].legend(fontsize=7)
         fig.tight_layout()
         fig.savefig(out / FIGURES["efficiency_vs_context"], dpi=110)
         plt.close(fig)
@@ -312,7 +348,8 @@ def _figures(res: Results, out: Path) -> dict[str, str]:
             ax.set_ylabel("accuracy")
             ax.set_title(task["name"])
             ax.grid(alpha=0.3)
-            ax.legend(fontsize=7)
+            if ax.get_legend_handles_labels()[0]:
+                ax.legend(fontsize=7)
         fig.tight_layout()
         fig.savefig(out / FIGURES["induction_extrapolation"], dpi=110)
         plt.close(fig)
@@ -456,6 +493,12 @@ def write_report(config: ExperimentConfig, out: Path, meta: dict | None = None) 
         lines += task_findings(res, task)
     lines += efficiency_findings(res)
     lines.append("")
+    table = focus_table(res)
+    if table:
+        lines += [f"### Every model against {config.focus}", "",
+                  f"Primary metric of each model minus {config.focus}'s, signed so that a **positive** number "
+                  f"means **{config.focus} is better** and a negative one means the other model is better "
+                  "(bits per character: lower is better; accuracies: higher is better).", "", table, ""]
 
     # per task
     lines += ["## Results per task", "",
