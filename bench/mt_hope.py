@@ -18,7 +18,8 @@ Sections:
   process), validation bits per character on 128-character blocks of the first
   ``--val-chars`` characters of the validation split.
 - ``latency``: per-token greedy decoding latency (median of ``--decode-tokens`` one-token
-  forwards through the cache, wall and CPU time) after prompts of 256 and 4096 tokens,
+  forwards through the cache, wall and CPU time, the three models' steps interleaved)
+  after prompts of 256 and 4096 tokens,
   for mt_hope, transformer and mamba (freshly initialised; latency does not depend on
   the weights).
 
@@ -177,34 +178,43 @@ def run_train(names, seconds, val_chars, budget="cpu") -> dict:
 
 # ----------------------------------------------------------------------------- latency
 @torch.no_grad()
-def decode_latency(model, prompt_len: int, tokens: int, vocab: int) -> dict:
-    model.eval()
+def decode_latency(models: dict, prompt_len: int, tokens: int, vocab: int) -> dict:
+    """Per-token latency of every model after the same prompt; the models' steps are interleaved
+    (A B C A B C ...) so that load from other processes hits all of them alike."""
     g = torch.Generator().manual_seed(0)
     prompt = torch.randint(4, vocab, (1, prompt_len), generator=g)
-    cache = strata.RecurrentCache(model.config.num_hidden_layers)
-    t0 = time.perf_counter()
-    for s in range(0, prompt_len, 1024):  # prefill in chunks through the cache
-        out = model(prompt[:, s : s + 1024], past_key_values=cache, use_cache=True, logits_to_keep=1)
-    prefill = time.perf_counter() - t0
-    token = out.logits[:, -1].argmax(-1, keepdim=True)
-    wall, cpu = [], []
+    caches, tokens_now, rows = {}, {}, {}
+    for name, model in models.items():
+        model.eval()
+        cache = strata.RecurrentCache(model.config.num_hidden_layers)
+        t0 = time.perf_counter()
+        for s in range(0, prompt_len, 1024):  # prefill in chunks through the cache
+            out = model(prompt[:, s : s + 1024], past_key_values=cache, use_cache=True, logits_to_keep=1)
+        rows[name] = {"prompt": prompt_len, "prefill_s": time.perf_counter() - t0, "wall": [], "cpu": []}
+        caches[name], tokens_now[name] = cache, out.logits[:, -1].argmax(-1, keepdim=True)
     for _ in range(tokens):
-        t0, c0 = time.perf_counter(), time.process_time()
-        out = model(token, past_key_values=cache, use_cache=True)
-        token = out.logits[:, -1].argmax(-1, keepdim=True)
-        wall.append(time.perf_counter() - t0)
-        cpu.append(time.process_time() - c0)
-    state = sum(t.numel() * t.element_size() for layer in cache.layers for t in layer.tensors.values())
-    return {"prompt": prompt_len, "decode_ms_per_token": 1e3 * statistics.median(wall),
-            "decode_cpu_ms_per_token": 1e3 * statistics.median(cpu), "prefill_s": prefill, "state_bytes": state}
+        for name, model in models.items():
+            t0, c0 = time.perf_counter(), time.process_time()
+            out = model(tokens_now[name], past_key_values=caches[name], use_cache=True)
+            tokens_now[name] = out.logits[:, -1].argmax(-1, keepdim=True)
+            rows[name]["wall"].append(time.perf_counter() - t0)
+            rows[name]["cpu"].append(time.process_time() - c0)
+    for name, row in rows.items():
+        wall, cpu = row.pop("wall"), row.pop("cpu")
+        row["decode_ms_per_token"] = 1e3 * statistics.median(wall)
+        row["decode_cpu_ms_per_token"] = 1e3 * statistics.median(cpu)
+        row["state_bytes"] = sum(t.numel() * t.element_size() for layer in caches[name].layers
+                                 for t in layer.tensors.values())
+    return rows
 
 
 def run_latency(prompts, tokens, vocab=400) -> dict:
     models = build_all(vocab, ("transformer", "mamba"))
-    results = {}
-    for name, model in models.items():
-        rows = [decode_latency(model, p, tokens, vocab) for p in prompts]
-        results[name] = rows
+    results = {name: [] for name in models}
+    for p in prompts:
+        for name, row in decode_latency(models, p, tokens, vocab).items():
+            results[name].append(row)
+    for name, rows in results.items():
         print("  " + name + ": " + ", ".join(
             f"prompt {r['prompt']}: {r['decode_ms_per_token']:.2f} ms/token (cpu {r['decode_cpu_ms_per_token']:.2f}),"
             f" state {r['state_bytes'] / 2**20:.2f} MB" for r in rows), flush=True)
