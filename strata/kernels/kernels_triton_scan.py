@@ -6,18 +6,22 @@ Twin of ``selective_scan_ref`` / ``selective_state_update`` in kernels_selective
     dt = softplus(delta + delta_bias)
     h_t = exp(dt_t A) * h_{t-1} + dt_t B_t u_t,    y_t = C_t . h_t + D u_t,    y *= silu(z)
 
-Design. One program owns BLOCK_D channels of one sequence and keeps their state
-h [BLOCK_D, N] in registers while it walks the sequence position by position (the
-recurrence of ``selective_scan_ref``, fused: no [B, D, N, L] tensor is ever written).
-Every ``chunk_size`` positions the forward kernel stores the state entering the chunk
-(a checkpoint, [B, D, L / chunk_size, N]). The backward kernel walks the chunks in
-reverse: it replays one chunk forward from its checkpoint into a scratch buffer of
-chunk_size + 1 states, then runs the adjoint recurrence backward through it:
+Design. One program owns BLOCK_D channels of one sequence and walks it chunk by chunk
+(T positions), carrying the state h [BLOCK_D, N]. Inside a chunk the recurrence
+h_t = a_t h_{t-1} + b_t (a = exp(dt A), b = dt u B) is an associative scan over
+(a, b) pairs, (a1, b1) then (a2, b2) = (a1 a2, a2 b1 + b2), over a [BLOCK_D, N, T]
+tile: T positions in parallel, only products of decays <= 1 (no overflow however
+steep the decays, unlike exp(-cumsum) forms). Nothing of size [B, D, N, L] is written;
+the forward pass stores the state entering every chunk (a checkpoint,
+[B, D, L / T, N]). The backward pass walks the chunks in reverse, carrying G, the
+gradient of the state leaving the chunk. From the checkpoint it rebuilds h_t and
+h_{t-1} (a second scan over the inputs shifted by one position), then the adjoint
+state by a reverse scan, g_h_t = gy_t C_t + exp(dt_{t+1} A) g_h_{t+1} (+ G at the
+chunk's end), and from it, all elementwise or reduced over one axis of the tile:
 
-    g_h  += gy_t C_t                      (gy_t: gradient of y_t before the skip, after the gate)
     g_C_t = sum_d gy_t h_t,   g_B_t = sum_d g_h dt_t u_t
     g_dt  = sum_n g_h (h_{t-1} e^{dt A} A + B_t u_t),   g_A += g_h h_{t-1} e^{dt A} dt_t
-    g_h  <- g_h e^{dt_t A}                (the adjoint state carried to t - 1)
+    G     <- e^{dt_0 A} g_h_0     (gy: gradient of y before the skip, after the gate)
 
 Sums over channels (g_B, g_C) and over the batch (g_A, g_D, g_delta_bias) are written
 per program and added up by torch afterwards (deterministic, no atomics).
@@ -42,9 +46,10 @@ except ImportError:  # the models load without triton; the kernels need it
     triton = None
     tl = None
 
-# Channels per program. Small blocks give the GPU more programs to run side by side;
-# the state of a program is BLOCK_D x next_pow2(N) fp32 values.
-BLOCK_D = 16
+# Channels per program, and the longest chunk: a program holds a few [BLOCK_D, N, T]
+# fp32 tiles (T = chunk_size rounded up to a power of two, at most MAX_CHUNK) in registers.
+BLOCK_D = 4
+MAX_CHUNK = 32
 
 
 def _jit(fn):
@@ -58,29 +63,61 @@ def _softplus(x):
 
 
 @_jit
+def _combine(a1, b1, a2, b2):
+    # (a1, b1) then (a2, b2): h -> a2 (a1 h + b1) + b2
+    return a1 * a2, a2 * b1 + b2
+
+
+@_jit
+def _load_tile(ptr, rows, row_mask, pos, length):
+    """fp32 [R, T] tile of a [.., L] tensor: rows (row start offsets) x positions pos (zeros outside [0, L))."""
+    mask = row_mask[:, None] & ((pos >= 0) & (pos < length))[None, :]
+    return tl.load(ptr + rows[:, None] + pos[None, :], mask=mask, other=0.0).to(tl.float32)
+
+
+@_jit
+def _step_terms(u_ptr, delta_ptr, B_ptr, bias, A, seq, bc, md, mn, pos, lo, hi, length,
+                HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr):
+    """dA = exp(dt A) and dBu = dt u B [BD, BN, T] at positions pos; identity (1, 0) outside [lo, hi)."""
+    live = (pos >= lo) & (pos < hi) & (pos < length)
+    u = _load_tile(u_ptr, seq, md, pos, length)
+    dl = _load_tile(delta_ptr, seq, md, pos, length)
+    if HAS_BIAS:
+        dl = dl + bias[:, None]
+    dt = dl
+    if SOFTPLUS:
+        dt = _softplus(dl)
+    dt = tl.where(md[:, None] & live[None, :], dt, 0.0)
+    Bt = _load_tile(B_ptr, bc, mn, pos, length)
+    dA = tl.exp(dt[:, None, :] * A[:, :, None])
+    dBu = (dt * u)[:, None, :] * Bt[None, :, :]
+    return dA, dBu, u, dl, dt, Bt
+
+
+@_jit
 def _scan_fwd_kernel(
     u_ptr, delta_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr, h0_ptr,
     y_ptr, hT_ptr, ckpt_ptr,
     dim, length, nstate, n_chunks,
     HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr,
-    HAS_H0: tl.constexpr, CHUNK: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
+    HAS_H0: tl.constexpr, T: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
-    """Forward of ``selective_scan_ref`` for BLOCK_D channels of one sequence.
+    """Forward of ``selective_scan_ref`` for BLOCK_D channels of one sequence, T positions at a time.
 
     u, delta, z, y [B, D, L]; A [D, N]; B, C [B, N, L]; D, bias [D]; h0, hT [B, D, N];
-    ckpt [B, D, n_chunks, N] receives the state entering every chunk of CHUNK positions.
+    ckpt [B, D, n_chunks, N] receives the state entering every chunk.
     """
     b = tl.program_id(0)
     d = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
     n = tl.arange(0, BLOCK_N)
+    t = tl.arange(0, T)
     md, mn = d < dim, n < nstate
     mdn = md[:, None] & mn[None, :]
     A = tl.load(A_ptr + d[:, None] * nstate + n[None, :], mask=mdn, other=0.0).to(tl.float32)
-    if HAS_D:
-        Dv = tl.load(D_ptr + d, mask=md, other=0.0).to(tl.float32)
+    bias = tl.zeros((BLOCK_D,), dtype=tl.float32)
     if HAS_BIAS:
         bias = tl.load(bias_ptr + d, mask=md, other=0.0).to(tl.float32)
-    state_off = (b * dim + d[:, None]) * nstate + n[None, :]  # [B, D, N]
+    state_off = (b * dim + d[:, None]) * nstate + n[None, :]
     if HAS_H0:
         h = tl.load(h0_ptr + state_off, mask=mdn, other=0.0).to(tl.float32)
     else:
@@ -88,138 +125,115 @@ def _scan_fwd_kernel(
     seq = (b * dim + d) * length  # row starts in [B, D, L]
     bc = (b * nstate + n) * length  # row starts in [B, N, L]
     ckpt_off = ((b * dim + d[:, None]) * n_chunks) * nstate + n[None, :]
-    for t in range(0, length):
-        if t % CHUNK == 0:
-            tl.store(ckpt_ptr + ckpt_off + (t // CHUNK) * nstate, h, mask=mdn)
-        u = tl.load(u_ptr + seq + t, mask=md, other=0.0).to(tl.float32)
-        dt = tl.load(delta_ptr + seq + t, mask=md, other=0.0).to(tl.float32)
-        if HAS_BIAS:
-            dt = dt + bias
-        if SOFTPLUS:
-            dt = _softplus(dt)
-        Bt = tl.load(B_ptr + bc + t, mask=mn, other=0.0).to(tl.float32)
-        Ct = tl.load(C_ptr + bc + t, mask=mn, other=0.0).to(tl.float32)
-        h = tl.exp(dt[:, None] * A) * h + (dt * u)[:, None] * Bt[None, :]
-        y = tl.sum(h * Ct[None, :], axis=1)
+    for c in range(0, n_chunks):
+        tl.store(ckpt_ptr + ckpt_off + c * nstate, h, mask=mdn)
+        pos = c * T + t
+        dA, dBu, u, dl, dt, Bt = _step_terms(u_ptr, delta_ptr, B_ptr, bias, A, seq, bc, md, mn, pos, c * T,
+                                             c * T + T, length, HAS_BIAS, SOFTPLUS)
+        decay, local = tl.associative_scan((dA, dBu), axis=2, combine_fn=_combine)
+        hs = local + decay * h[:, :, None]  # h_t for every t of the chunk
+        Ct = _load_tile(C_ptr, bc, mn, pos, length)
+        y = tl.sum(hs * Ct[None, :, :], axis=1)  # [BD, T]
         if HAS_D:
-            y += Dv * u
+            y += tl.load(D_ptr + d, mask=md, other=0.0).to(tl.float32)[:, None] * u
         if HAS_Z:
-            z = tl.load(z_ptr + seq + t, mask=md, other=0.0).to(tl.float32)
+            z = _load_tile(z_ptr, seq, md, pos, length)
             y = y * z * tl.sigmoid(z)
-        tl.store(y_ptr + seq + t, y.to(y_ptr.dtype.element_ty), mask=md)
+        mask = md[:, None] & (pos < length)[None, :]
+        tl.store(y_ptr + seq[:, None] + pos[None, :], y.to(y_ptr.dtype.element_ty), mask=mask)
+        h = tl.sum(tl.where((t == T - 1)[None, None, :], hs, 0.0), axis=2)  # past L the state stays put
     tl.store(hT_ptr + state_off, h, mask=mdn)
 
 
 @_jit
 def _scan_bwd_kernel(
     u_ptr, delta_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr,
-    ckpt_ptr, gy_ptr, ghT_ptr, scratch_ptr,
+    ckpt_ptr, gy_ptr, ghT_ptr,
     gu_ptr, gdelta_ptr, gz_ptr, gA_ptr, gB_ptr, gC_ptr, gD_ptr, gbias_ptr, gh0_ptr,
     batch, dim, length, nstate, n_chunks,
     HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr,
-    HAS_GHT: tl.constexpr, CHUNK: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
+    HAS_GHT: tl.constexpr, T: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     """Backward of ``selective_scan_ref`` (see the module docstring) for BLOCK_D channels.
 
-    Writes gu, gdelta, gz [B, D, L] and gh0 [B, D, N] in place, and per-program partial
-    sums gA [B, D, N], gD, gbias [B, D], gB, gC [n_dblocks, B, N, L] (summed by torch).
-    scratch [B, D, CHUNK + 1, N]: slot 0 holds the state entering the chunk being
-    replayed, slot i + 1 the state after its position i.
+    Chunks in reverse, carrying G = dL/d(state leaving the chunk). Per chunk: the states
+    h_t and h_{t-1} come from two scans started at the checkpoint (the second over the
+    inputs shifted by one position), the adjoint g_h from a reverse scan. Writes gu,
+    gdelta, gz [B, D, L], gh0 [B, D, N]; per-program partial sums gA [B, D, N], gD,
+    gbias [B, D], gB, gC [n_dblocks, B, N, L] (summed by torch).
     """
     b = tl.program_id(0)
     pid_d = tl.program_id(1)
     d = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
     n = tl.arange(0, BLOCK_N)
+    t = tl.arange(0, T)
     md, mn = d < dim, n < nstate
     mdn = md[:, None] & mn[None, :]
     A = tl.load(A_ptr + d[:, None] * nstate + n[None, :], mask=mdn, other=0.0).to(tl.float32)
-    if HAS_D:
-        Dv = tl.load(D_ptr + d, mask=md, other=0.0).to(tl.float32)
+    bias = tl.zeros((BLOCK_D,), dtype=tl.float32)
     if HAS_BIAS:
         bias = tl.load(bias_ptr + d, mask=md, other=0.0).to(tl.float32)
+    Dv = tl.zeros((BLOCK_D,), dtype=tl.float32)
+    if HAS_D:
+        Dv = tl.load(D_ptr + d, mask=md, other=0.0).to(tl.float32)
     state_off = (b * dim + d[:, None]) * nstate + n[None, :]
     if HAS_GHT:
-        gh = tl.load(ghT_ptr + state_off, mask=mdn, other=0.0).to(tl.float32)
+        G = tl.load(ghT_ptr + state_off, mask=mdn, other=0.0).to(tl.float32)
     else:
-        gh = tl.zeros((BLOCK_D, BLOCK_N), dtype=tl.float32)
+        G = tl.zeros((BLOCK_D, BLOCK_N), dtype=tl.float32)
     gA = tl.zeros((BLOCK_D, BLOCK_N), dtype=tl.float32)
     gD = tl.zeros((BLOCK_D,), dtype=tl.float32)
     gbias = tl.zeros((BLOCK_D,), dtype=tl.float32)
     seq = (b * dim + d) * length
     bc = (b * nstate + n) * length
-    part = ((pid_d * batch + b) * nstate + n) * length  # rows of the partial gB, gC
+    part = (pid_d * batch + b) * nstate * length  # start of this program's partial gB, gC [N, L]
     ckpt_off = ((b * dim + d[:, None]) * n_chunks) * nstate + n[None, :]
-    scr_off = ((b * dim + d[:, None]) * (CHUNK + 1)) * nstate + n[None, :]
-
     for cc in range(0, n_chunks):
         c = n_chunks - 1 - cc
-        # replay the chunk forward from its checkpoint, keeping every state
-        h = tl.load(ckpt_ptr + ckpt_off + c * nstate, mask=mdn, other=0.0)
-        tl.debug_barrier()
-        tl.store(scratch_ptr + scr_off, h, mask=mdn)
-        for i in range(0, CHUNK):
-            t = c * CHUNK + i
-            live_d, live_n = md & (d * 0 + t < length), mn & (n * 0 + t < length)
-            u = tl.load(u_ptr + seq + t, mask=live_d, other=0.0).to(tl.float32)
-            dt = tl.load(delta_ptr + seq + t, mask=live_d, other=0.0).to(tl.float32)
-            if HAS_BIAS:
-                dt = dt + bias
-            if SOFTPLUS:
-                dt = _softplus(dt)
-            dt = tl.where(live_d, dt, 0.0)  # past the end: h stays as it is
-            Bt = tl.load(B_ptr + bc + t, mask=live_n, other=0.0).to(tl.float32)
-            h = tl.exp(dt[:, None] * A) * h + (dt * u)[:, None] * Bt[None, :]
-            tl.store(scratch_ptr + scr_off + (i + 1) * nstate, h, mask=mdn)
-        tl.debug_barrier()
-        # adjoint recurrence backward through the chunk
-        for j in range(0, CHUNK):
-            i = CHUNK - 1 - j
-            t = c * CHUNK + i
-            live_d, live_n = md & (d * 0 + t < length), mn & (n * 0 + t < length)
-            h_t = tl.load(scratch_ptr + scr_off + (i + 1) * nstate, mask=mdn, other=0.0)
-            h_prev = tl.load(scratch_ptr + scr_off + i * nstate, mask=mdn, other=0.0)
-            u = tl.load(u_ptr + seq + t, mask=live_d, other=0.0).to(tl.float32)
-            dl = tl.load(delta_ptr + seq + t, mask=live_d, other=0.0).to(tl.float32)
-            if HAS_BIAS:
-                dl = dl + bias
-            dt = dl
-            if SOFTPLUS:
-                dt = _softplus(dl)
-            dt = tl.where(live_d, dt, 0.0)
-            Bt = tl.load(B_ptr + bc + t, mask=live_n, other=0.0).to(tl.float32)
-            Ct = tl.load(C_ptr + bc + t, mask=live_n, other=0.0).to(tl.float32)
-            gy = tl.load(gy_ptr + seq + t, mask=live_d, other=0.0).to(tl.float32)
-            if HAS_Z:
-                z = tl.load(z_ptr + seq + t, mask=live_d, other=0.0).to(tl.float32)
-                sz = tl.sigmoid(z)
-                y = tl.sum(h_t * Ct[None, :], axis=1)
-                if HAS_D:
-                    y += Dv * u
-                gz = gy * y * sz * (1.0 + z * (1.0 - sz))
-                tl.store(gz_ptr + seq + t, gz, mask=live_d)
-                gy = gy * z * sz
-            gu = tl.zeros((BLOCK_D,), dtype=tl.float32)
-            if HAS_D:
-                gD += gy * u
-                gu = gy * Dv
-            tl.store(gC_ptr + part + t, tl.sum(gy[:, None] * h_t, axis=0), mask=live_n)
-            gh += gy[:, None] * Ct[None, :]
-            dA = tl.exp(dt[:, None] * A)
-            g_exp = gh * h_prev * dA  # gradient of the exponent dt * A
-            gBu = tl.sum(gh * Bt[None, :], axis=1)
-            gdt = tl.sum(g_exp * A, axis=1) + gBu * u
-            gA += g_exp * dt[:, None]
-            tl.store(gB_ptr + part + t, tl.sum(gh * (dt * u)[:, None], axis=0), mask=live_n)
-            gu += gBu * dt
-            gh = gh * dA
-            if SOFTPLUS:
-                gdt = gdt * tl.sigmoid(dl)
-            gdt = tl.where(live_d, gdt, 0.0)
-            gbias += gdt
-            tl.store(gu_ptr + seq + t, gu, mask=live_d)
-            tl.store(gdelta_ptr + seq + t, gdt, mask=live_d)
-        tl.debug_barrier()
-    tl.store(gh0_ptr + state_off, gh, mask=mdn)
+        lo, hi = c * T, c * T + T
+        pos = lo + t
+        live = md[:, None] & (pos < length)[None, :]
+        h_in = tl.load(ckpt_ptr + ckpt_off + c * nstate, mask=mdn, other=0.0)
+        dA, dBu, u, dl, dt, Bt = _step_terms(u_ptr, delta_ptr, B_ptr, bias, A, seq, bc, md, mn, pos, lo, hi,
+                                             length, HAS_BIAS, SOFTPLUS)
+        decay, local = tl.associative_scan((dA, dBu), axis=2, combine_fn=_combine)
+        hs = local + decay * h_in[:, :, None]  # h_t
+        pA, pBu, _u, _dl, _dt, _B = _step_terms(u_ptr, delta_ptr, B_ptr, bias, A, seq, bc, md, mn, pos - 1, lo, hi,
+                                                length, HAS_BIAS, SOFTPLUS)
+        decay, local = tl.associative_scan((pA, pBu), axis=2, combine_fn=_combine)
+        hs_prev = local + decay * h_in[:, :, None]  # h_{t-1} (h_in at the chunk's first position)
+        nA, _nBu, _u, _dl, _dt, _B = _step_terms(u_ptr, delta_ptr, B_ptr, bias, A, seq, bc, md, mn, pos + 1, lo, hi,
+                                                 length, HAS_BIAS, SOFTPLUS)
+        Ct = _load_tile(C_ptr, bc, mn, pos, length)
+        gy = _load_tile(gy_ptr, seq, md, pos, length)
+        if HAS_Z:
+            z = _load_tile(z_ptr, seq, md, pos, length)
+            sz = tl.sigmoid(z)
+            y = tl.sum(hs * Ct[None, :, :], axis=1) + Dv[:, None] * u
+            tl.store(gz_ptr + seq[:, None] + pos[None, :], gy * y * sz * (1.0 + z * (1.0 - sz)), mask=live)
+            gy = gy * z * sz
+        # adjoint: g_h_t = gy_t C_t + exp(dt_{t+1} A) g_h_{t+1}, g_h at the chunk's end + G
+        rev, local = tl.associative_scan((nA, gy[:, None, :] * Ct[None, :, :]), axis=2, combine_fn=_combine,
+                                         reverse=True)
+        gh = local + rev * G[:, :, None]
+        g_exp = gh * hs_prev * dA  # gradient of the exponent dt * A
+        gBu = tl.sum(gh * Bt[None, :, :], axis=1)  # [BD, T]
+        gdt = tl.sum(g_exp * A[:, :, None], axis=1) + gBu * u
+        gA += tl.sum(g_exp * dt[:, None, :], axis=2)
+        gD += tl.sum(gy * u, axis=1)
+        nt = (pos < length)[None, :]
+        tl.store(gB_ptr + part + n[:, None] * length + pos[None, :], tl.sum(gh * (dt * u)[:, None, :], axis=0),
+                 mask=mn[:, None] & nt)
+        tl.store(gC_ptr + part + n[:, None] * length + pos[None, :], tl.sum(gy[:, None, :] * hs, axis=0),
+                 mask=mn[:, None] & nt)
+        if SOFTPLUS:
+            gdt = gdt * tl.sigmoid(dl)
+        gdt = tl.where(live, gdt, 0.0)
+        gbias += tl.sum(gdt, axis=1)
+        tl.store(gu_ptr + seq[:, None] + pos[None, :], gy * Dv[:, None] + gBu * dt, mask=live)
+        tl.store(gdelta_ptr + seq[:, None] + pos[None, :], gdt, mask=live)
+        G = tl.sum(tl.where((t == 0)[None, None, :], gh * dA, 0.0), axis=2)  # dL/dh_in
+    tl.store(gh0_ptr + state_off, G, mask=mdn)
     tl.store(gA_ptr + state_off, gA, mask=mdn)
     tl.store(gD_ptr + b * dim + d, gD, mask=md)
     tl.store(gbias_ptr + b * dim + d, gbias, mask=md)
@@ -272,7 +286,8 @@ class _TritonScan(torch.autograd.Function):
         u, delta, A, B, C, D, z, delta_bias, h0 = map(_contiguous, (u, delta, A, B, C, D, z, delta_bias, h0))
         batch, dim, length = u.shape
         nstate = A.shape[1]
-        n_chunks = triton.cdiv(length, chunk_size)
+        chunk = min(triton.next_power_of_2(chunk_size), MAX_CHUNK)
+        n_chunks = triton.cdiv(length, chunk)
         y = torch.empty_like(u)
         hT = torch.empty(batch, dim, nstate, dtype=torch.float32, device=u.device)
         ckpt = torch.empty(batch, dim, n_chunks, nstate, dtype=torch.float32, device=u.device)
@@ -281,10 +296,10 @@ class _TritonScan(torch.autograd.Function):
             u, delta, A, B, C, D, z, delta_bias, h0, y, hT, ckpt,
             dim, length, nstate, n_chunks,
             HAS_D=D is not None, HAS_Z=z is not None, HAS_BIAS=delta_bias is not None, SOFTPLUS=bool(softplus),
-            HAS_H0=h0 is not None, CHUNK=chunk_size, BLOCK_D=BLOCK_D, BLOCK_N=triton.next_power_of_2(nstate),
+            HAS_H0=h0 is not None, T=chunk, BLOCK_D=BLOCK_D, BLOCK_N=triton.next_power_of_2(nstate),
         )
         ctx.save_for_backward(u, delta, A, B, C, D, z, delta_bias, h0, ckpt)
-        ctx.softplus, ctx.chunk_size = bool(softplus), chunk_size
+        ctx.softplus, ctx.chunk = bool(softplus), chunk
         return y, hT
 
     @staticmethod
@@ -292,7 +307,7 @@ class _TritonScan(torch.autograd.Function):
     def backward(ctx, gy, ghT):
         u, delta, A, B, C, D, z, delta_bias, h0, ckpt = ctx.saved_tensors
         batch, dim, length = u.shape
-        nstate, chunk = A.shape[1], ctx.chunk_size
+        nstate, chunk = A.shape[1], ctx.chunk
         n_chunks, n_dblocks = ckpt.shape[2], triton.cdiv(dim, BLOCK_D)
         f32 = dict(dtype=torch.float32, device=u.device)
         gy = torch.zeros_like(u) if gy is None else gy.contiguous()
@@ -302,13 +317,12 @@ class _TritonScan(torch.autograd.Function):
         gB = torch.empty(n_dblocks, batch, nstate, length, **f32)
         gC = torch.empty(n_dblocks, batch, nstate, length, **f32)
         gD, gbias = torch.empty(batch, dim, **f32), torch.empty(batch, dim, **f32)
-        scratch = torch.empty(batch, dim, chunk + 1, nstate, **f32)
         _scan_bwd_kernel[(batch, n_dblocks)](
-            u, delta, A, B, C, D, z, delta_bias, ckpt, gy, _contiguous(ghT), scratch,
+            u, delta, A, B, C, D, z, delta_bias, ckpt, gy, _contiguous(ghT),
             gu, gdelta, gz, gA, gB, gC, gD, gbias, gh0,
             batch, dim, length, nstate, n_chunks,
             HAS_D=D is not None, HAS_Z=z is not None, HAS_BIAS=delta_bias is not None, SOFTPLUS=ctx.softplus,
-            HAS_GHT=ghT is not None, CHUNK=chunk, BLOCK_D=BLOCK_D, BLOCK_N=triton.next_power_of_2(nstate),
+            HAS_GHT=ghT is not None, T=chunk, BLOCK_D=BLOCK_D, BLOCK_N=triton.next_power_of_2(nstate),
         )
         return (
             gu.to(u.dtype), gdelta.to(delta.dtype), gA.sum(0).to(A.dtype), gB.sum(0).to(B.dtype),
@@ -325,8 +339,8 @@ def selective_scan_triton(
 ):
     """Triton selective scan; same contract as ``selective_scan_ref``.
 
-    ``chunk_size`` is the checkpoint interval of the backward pass (memory
-    B*D*N*L/chunk_size for the checkpoints, B*D*N*(chunk_size+1) of scratch).
+    ``chunk_size``, rounded up to a power of two and capped at ``MAX_CHUNK``, is the
+    chunk length T (checkpoints: B*D*N*L/T fp32 values); results do not depend on it.
     """
     op = "selective_scan_triton"
     _check_scan_args(op, u, delta, A, B, C, D, z, delta_bias, initial_state)
