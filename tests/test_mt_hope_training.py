@@ -125,6 +125,8 @@ def test_nested_trainer_with_accumulation_cosine_clipping_bf16_and_a_nan_batch(c
         return output * float("nan") if calls["n"] == 7 else output
 
     handle = model.lm_head.register_forward_hook(poison)
+    dtypes = set()
+    probe = model.model.layers[0].mixer.in_proj.register_forward_hook(lambda mod, i, o: dtypes.add(o.dtype))
     lrs = []
 
     class Record(NestedProgressCallback):
@@ -135,6 +137,8 @@ def test_nested_trainer_with_accumulation_cosine_clipping_bf16_and_a_nan_batch(c
     with caplog.at_level(logging.WARNING):
         trainer.train()
     handle.remove()
+    probe.remove()
+    assert trainer.accelerator.mixed_precision == "bf16" and dtypes == {torch.bfloat16}  # autocast was on
     assert trainer.skipped_batches == 1
     assert "skipping batch" in caplog.text and "non-finite loss" in caplog.text
     assert all(torch.isfinite(p).all() for p in model.parameters())
