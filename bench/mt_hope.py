@@ -22,6 +22,9 @@ Sections:
   after prompts of 256 and 4096 tokens,
   for mt_hope, transformer and mamba (freshly initialised; latency does not depend on
   the weights).
+- ``continual`` (not in the default sections): mt_hope trains for ``--train-seconds``, then
+  ``continual_update`` reads an unseen validation passage (2,048 characters, 2 passes);
+  loss on it and on old training text before and after (forgetting).
 
 One torch thread. The machine is shared with other processes: CPU time is reported
 next to wall time, and the load average at start and end.
@@ -223,6 +226,28 @@ def run_latency(prompts, tokens, vocab=400) -> dict:
     return results
 
 
+# ----------------------------------------------------------------------------- continual learning
+def run_continual(seconds, new_chars=2048, heldout_chars=2048, segment=128, lr=1e-3, epochs=2) -> dict:
+    """Train mt_hope briefly, then ``continual_update`` on an unseen validation passage.
+
+    New text: validation characters [20000, 20000 + new_chars); held-out old text: the
+    training split's first ``heldout_chars`` characters (seen in training). Reported:
+    losses (nats/token) before and after on both, forgetting = held-out change.
+    """
+    tok, train, val = shakespeare_data()
+    torch.manual_seed(0)
+    model = mt_hope(len(tok))
+    row = train_for(model, train, seconds)
+    report = model.continual_update(val[20000 : 20000 + new_chars], heldout=train[:heldout_chars],
+                                    segment_length=segment, lr=lr, epochs=epochs)
+    out = {"pretrain_steps": row["steps"], "segment_length": segment, "lr": lr, "epochs": epochs,
+           "cms_periods": model.config.cms_periods, **report}
+    print(f"  continual_update: new text {report['new_loss_before']:.3f} -> {report['new_loss_after']:.3f} nats, "
+          f"held-out {report['heldout_loss_before']:.3f} -> {report['heldout_loss_after']:.3f} "
+          f"(forgetting {report['forgetting']:+.3f}), updates per level {report['updates_per_level']}", flush=True)
+    return out
+
+
 # ----------------------------------------------------------------------------- main
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -251,6 +276,9 @@ def main(argv=None):
     if "latency" in sections:
         print("decode latency", flush=True)
         results["latency"] = run_latency([int(p) for p in args.prompts.split(",")], args.decode_tokens)
+    if "continual" in sections:
+        print(f"continual learning after {args.train_seconds:.0f} s of training", flush=True)
+        results["continual"] = run_continual(args.train_seconds)
     results["load_average_end"] = os.getloadavg()
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=1))
