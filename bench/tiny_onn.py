@@ -21,7 +21,7 @@ For each corpus (English: tinyshakespeare, Chinese: tang_poems, both bundled in 
 The machine is shared with other jobs: the load average before and after and the CPU time
 of this process are recorded with the numbers.
 
-usage: .venv/bin/python bench/tiny_onn.py [--train-seconds 90] [--budget wall|cpu]
+usage: .venv/bin/python bench/tiny_onn.py [--train-seconds 90] [--budget wall|cpu] [--cost]
        [--corpora shakespeare,tang] [--threads 1] [--json bench/results/tiny_onn.json] [--quick]
 """
 
@@ -233,6 +233,46 @@ def run_corpus(corpus, args) -> dict:
     return rows
 
 
+def cost_breakdown(vocab=323, word_vocab=4000, batch=16, seq=128, steps=8) -> dict:
+    """CPU seconds per training step (median of ``steps``, after 2 warm-up steps), interleaved:
+    where Tiny-ONN's time goes compared with the Transformer."""
+    models = build_models(vocab, word_vocab, seq)
+    torch.manual_seed(0)
+    no_gate = strata.TinyONNForCausalLM(onn_config(vocab, word_vocab, seq, gate_loss_weight=0.0))
+    variants = {"transformer": (models["transformer"], "transformer"),
+                "tiny-onn": (models["tiny-onn"], "tiny-onn"),
+                "tiny-onn, no routing loss": (no_gate, "tiny-onn")}
+    g = torch.Generator().manual_seed(0)
+    x = torch.randint(4, vocab, (batch, seq), generator=g)
+    w = torch.randint(0, word_vocab, (batch, seq), generator=g)
+    opts = {k: torch.optim.AdamW(m.parameters(), lr=1e-4) for k, (m, _) in variants.items()}
+    times = {k: [] for k in variants}
+
+    def step(key):
+        model, name = variants[key]
+        model.train()
+        out = forward(name, model, x, w, labels=x)
+        out.loss.backward()
+        opts[key].step()
+        opts[key].zero_grad(set_to_none=True)
+
+    for key in variants:
+        for _ in range(2):
+            step(key)
+    for _ in range(steps):
+        for key in variants:
+            t0 = time.process_time()
+            step(key)
+            times[key].append(time.process_time() - t0)
+    rows = {k: {"cpu_s_per_step": statistics.median(v)} for k, v in times.items()}
+    base = rows["transformer"]["cpu_s_per_step"]
+    for key, row in rows.items():
+        row["vs_transformer"] = row["cpu_s_per_step"] / base
+        print(f"[cost] {key:28s} {row['cpu_s_per_step'] * 1000:7.1f} CPU ms/step ({row['vs_transformer']:.2f}x)",
+              flush=True)
+    return rows
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--corpora", default="shakespeare,tang")
@@ -247,6 +287,8 @@ def main(argv=None):
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--budget", choices=("wall", "cpu"), default="wall",
                         help="--train-seconds of wall-clock (default) or of CPU time of this process")
+    parser.add_argument("--cost", action="store_true", help="also time one training step of each model "
+                        "(and of Tiny-ONN without the routing loss), interleaved, in CPU seconds")
     parser.add_argument("--json", default=None)
     parser.add_argument("--quick", action="store_true", help="seconds-long smoke run")
     args = parser.parse_args(argv)
@@ -259,7 +301,9 @@ def main(argv=None):
             "cpu_count": os.cpu_count(), "settings": {k: v for k, v in vars(args).items()}}
     cpu0, wall0 = time.process_time(), time.perf_counter()
     results = {"meta": meta}
-    for corpus in args.corpora.split(","):
+    if args.cost:
+        results["cost"] = cost_breakdown(steps=2 if args.quick else 8)
+    for corpus in [c for c in args.corpora.split(",") if c]:
         results[corpus] = run_corpus(corpus, args)
     meta.update(load_end=uptime_line(), cpu_seconds=time.process_time() - cpu0, wall_seconds=time.perf_counter() - wall0)
     print(f"load: {meta['load_start']} -> {meta['load_end']}; {meta['wall_seconds']:.0f} s wall, "
