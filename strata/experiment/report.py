@@ -264,7 +264,8 @@ def _figures(res: Results, out: Path) -> dict[str, str]:
             for m in config.models:
                 for i, row in enumerate(res.ok(m.name, task["name"])):
                     if row.get("curve"):
-                        steps, losses = zip(*row["curve"])
+                        steps = [step for step, _ in row["curve"]]
+                        losses = [float("nan") if loss is None else loss for _, loss in row["curve"]]
                         ax.plot(steps, losses, color=colors[m.name], alpha=1.0 if i == 0 else 0.4,
                                 label=m.name if i == 0 else None, lw=1.2)
             ax.set_title(task["name"])

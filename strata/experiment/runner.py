@@ -96,6 +96,17 @@ def machine_info() -> dict[str, Any]:
             "cuda": torch.cuda.is_available()}
 
 
+def _nan_to_none(obj):
+    """NaN and infinities as None, so results.jsonl stays strict JSON."""
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    if isinstance(obj, dict):
+        return {k: _nan_to_none(v) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [_nan_to_none(v) for v in obj]
+    return obj
+
+
 def _finite(obj) -> bool:
     if isinstance(obj, float):
         return math.isfinite(obj)
@@ -139,7 +150,7 @@ def train_and_evaluate(model, task, settings: dict, seed: int, update: Callable[
             learning_rate=settings["lr"], warmup_steps=settings["warmup_steps"],
             weight_decay=settings["weight_decay"], adam_beta2=0.99, max_grad_norm=1.0,
             logging_steps=max(1, steps // settings["logging_points"]), save_strategy="no", eval_strategy="no",
-            report_to="none", disable_tqdm=True, seed=seed, data_seed=seed,
+            report_to="none", disable_tqdm=True, seed=seed, data_seed=seed, logging_nan_inf_filter=False,
             dataloader_pin_memory=False, use_cpu=not torch.cuda.is_available(),
         )
         trainer = StrataTrainer(model=model, args=args, train_dataset=dataset, data_collator=default_data_collator)
@@ -148,12 +159,17 @@ def train_and_evaluate(model, task, settings: dict, seed: int, update: Callable[
         trainer.add_callback(_progress_callback(update, steps))
         with Stopwatch() as train_time:
             trainer.train()
-        curve = [[entry["step"], entry["loss"]] for entry in trainer.state.log_history if "loss" in entry]
+        # a non-finite logged loss is kept as None (JSON null), and the first step it appears at is recorded
+        curve = [[entry["step"], entry["loss"] if math.isfinite(entry["loss"]) else None]
+                 for entry in trainer.state.log_history if "loss" in entry]
     update("evaluating")
     with Stopwatch() as eval_time:
         metrics = task.evaluate(model, settings["eval_batch_size"])
     tokens = steps * batch * task.train_seq_len
-    metrics.update(train_loss=curve[-1][1] if curve else float("nan"),
+    diverged = next((step for step, loss in curve if loss is None), None)
+    if diverged is not None:
+        metrics["diverged_at_step"] = diverged
+    metrics.update(train_loss=curve[-1][1] if curve and curve[-1][1] is not None else float("nan"),
                    train_tokens=tokens, train_tokens_per_s=tokens / train_time.wall,
                    train_tokens_per_cpu_s=tokens / max(train_time.cpu, 1e-9))
     chance = task.chance()
@@ -195,7 +211,10 @@ def execute(run: RunSpec, config: ExperimentConfig, update: Callable[[str], None
                 row.update(train_and_evaluate(model, task, run.task, run.seed, update))
             row["status"] = "ok" if _finite(row["metrics"]) else "error"
             if row["status"] == "error":
-                row["error"] = "a metric is not finite (the training diverged?)"
+                step = row["metrics"].get("diverged_at_step")
+                row["error"] = (f"training diverged: the training loss was not finite from step {step} on"
+                                if step is not None else "a metric is not finite")
+                row["metrics"] = _nan_to_none(row["metrics"])
         except UnknownArchitecture as error:
             row.update(status="skipped", error=str(error))
         except Exception as error:  # one failing cell must not end the experiment
