@@ -30,6 +30,7 @@ from strata.kernels.kernels_retention import retention, retention_chunked, reten
 from strata.kernels.kernels_selective_scan import selective_scan, selective_scan_ref, selective_state_update
 
 INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
+needs_triton = pytest.mark.skipif(not kernels_dispatch.triton_installed(), reason="needs triton")
 # fp32 against the fp32 reference: the issue asks for relative RMS <= 1e-3; the kernels do 10x better
 TOL = dict(atol=1e-5, rel_rms=1e-4)
 
@@ -244,6 +245,7 @@ def fresh_dispatch(monkeypatch):
     monkeypatch.setattr(kernels_dispatch, "_logged", set())
 
 
+@needs_triton
 def test_dispatch_defaults_by_device(fresh_dispatch):
     resolve = kernels_dispatch.resolve_backend
     cuda, cpu = torch.device("cuda"), torch.device("cpu")
@@ -255,6 +257,7 @@ def test_dispatch_defaults_by_device(fresh_dispatch):
     assert resolve("retention", "mamba_ssm", device=cuda) == "triton"
 
 
+@needs_triton
 def test_dispatch_triton_needs_cuda_or_the_interpreter(fresh_dispatch, monkeypatch):
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
     with pytest.raises(RuntimeError, match="CUDA"):
