@@ -2,8 +2,8 @@
 
     .venv/bin/python bench/scan_chunk.py [--chunks 64,32,16,8] [--json PATH]
 
-``config.chunk_size`` (default 64) is the chunk length of both the chunked selective scan
-and the chunkwise retention. The chunked scan materialises [batch, inner, state, chunk]
+``config.scan_chunk_size`` (default 16; before, the scan used ``config.chunk_size``, 64) is
+the chunk length of the chunked selective scan. The chunked scan materialises [batch, inner, state, chunk]
 tensors (4 x 512 x 16 x 64 fp32 = 8 MB at the benchmark shape, 4x the 2 MB L2 of this
 CPU), so shorter chunks may run faster. Models are timed round-robin with the
 ``transformer`` preset as reference (see bench/harness.py).
@@ -39,7 +39,8 @@ def main(argv=None):
     named = {"transformer": models.build("transformer")}
     for chunk in (int(c) for c in args.chunks.split(",")):
         torch.manual_seed(0)
-        named[f"mamba, chunk_size={chunk}"] = strata.RetMambaForCausalLM(models.strata_config("mamba", chunk_size=chunk))
+        named[f"mamba, scan_chunk_size={chunk}"] = strata.RetMambaForCausalLM(
+            models.strata_config("mamba", scan_chunk_size=chunk))
     load_start = harness.load_average()
     results = harness.train_round_robin(named, args.batch, args.seq, args.steps, warmup=2)
     print(f"training, batch {args.batch} x seq {args.seq}, {args.threads} threads, load {load_start} -> "

@@ -37,7 +37,7 @@ DECODER_CELLS = ("gru", "lstm")
 DECODER_FIRST_INPUTS = ("start", "previous_token")
 
 _TINY = dict(
-    vocab_size=512, hidden_size=64, encoder_layers=1, state_size=8, chunk_size=16, reasoner_layers=2,
+    vocab_size=512, hidden_size=64, encoder_layers=1, state_size=8, scan_chunk_size=16, reasoner_layers=2,
     num_attention_heads=2, intermediate_size=128, decoder_layers=1, decoder_hidden_size=64,
 )
 # The encoder only has to summarise recent text (the reasoner carries the long context):
@@ -77,8 +77,10 @@ class HMTRConfig(StrataConfigMixin, PretrainedConfig):
         block_size: K, tokens per block (one capsule per block, one reasoner step per block).
         encoder_layers: Mamba blocks of the encoder (RMSNorm -> Mamba mixer -> residual).
         state_size, conv_kernel, expand, time_step_rank, time_step_min, time_step_max,
-        time_step_floor, use_conv_bias, chunk_size, kernel_backend: the encoder's Mamba mixers
-            (as in `RetMambaConfig`).
+        time_step_floor, use_conv_bias, kernel_backend: the encoder's Mamba mixers (as in
+            `RetMambaConfig`).
+        scan_chunk_size: chunk length of the encoder's chunked selective scan (as in
+            `RetMambaConfig`: a speed knob only).
         capsule: ``"deterministic"`` (C = capsule_proj(h)) or ``"variational"`` (a Gaussian
             capsule: capsule_proj gives mean and log-variance; the autoencoder stage samples it
             and adds a KL term; the language model always uses the mean).
@@ -131,7 +133,7 @@ class HMTRConfig(StrataConfigMixin, PretrainedConfig):
         time_step_max: float = 0.1,
         time_step_floor: float = 1e-4,
         use_conv_bias: bool = True,
-        chunk_size: int = 64,
+        scan_chunk_size: int = 16,
         kernel_backend: str | None = None,
         capsule: str = "deterministic",
         capsule_kl_weight: float = 1e-3,
@@ -178,7 +180,7 @@ class HMTRConfig(StrataConfigMixin, PretrainedConfig):
         check_float("time_step_max", time_step_max, time_step_min, 10.0)
         check_float("time_step_floor", time_step_floor, 0.0, 1.0, low_inclusive=False)
         check_choice("use_conv_bias", use_conv_bias, (True, False))
-        check_int("chunk_size", chunk_size, 1, 4096)
+        check_int("scan_chunk_size", scan_chunk_size, 1, 4096)
         self.check_kernel_backend(kernel_backend)
         check_choice("capsule", capsule, CAPSULE_KINDS)
         check_float("capsule_kl_weight", capsule_kl_weight, 0.0)
@@ -244,7 +246,7 @@ class HMTRConfig(StrataConfigMixin, PretrainedConfig):
         self.time_step_max = time_step_max
         self.time_step_floor = time_step_floor
         self.use_conv_bias = use_conv_bias
-        self.chunk_size = chunk_size
+        self.scan_chunk_size = scan_chunk_size
         self.kernel_backend = kernel_backend
         self.capsule = capsule
         self.capsule_kl_weight = float(capsule_kl_weight)

@@ -36,7 +36,7 @@ class MambaMixer(nn.Module):
         self.D = nn.Parameter(torch.ones(inner))
         self.out_proj = nn.Linear(inner, d, bias=False)
         self.kernel_backend = config.kernel_backend
-        self.chunk_size = config.chunk_size
+        self.chunk_size = config.scan_chunk_size
 
     def init_mamba_weights(self, init) -> None:
         """S4D-real A, unit D, step sizes log-uniform in [time_step_min, time_step_max]."""
