@@ -159,13 +159,13 @@ def run_group(title: str, forms: list, make_inputs, args, device, fwd_bytes: int
     base = rows[0][key]
     peak = peak_bandwidth(device) if device.type == "cuda" else None
     print(f"\n{title}")
-    header = (f"  {'form':<58}{'fwd ms':>10}{'bwd ms':>10}{'total ms':>10}{'cpu ms':>10}"
+    header = (f"  {'form':<58}{'fwd ms':>11}{'bwd ms':>12}{'total ms':>12}{'cpu ms':>12}"
               f"{'speed-up':>10} ({args.clock})")
     print(header + ("   fwd GB/s (% peak)" if fwd_bytes and device.type == "cuda" else ""))
     for row in rows:
         row["speedup"] = base / row[key]
-        line = (f"  {row['form']:<58}{row['fwd_ms']:>10.2f}{row['bwd_ms']:>10.2f}{row['total_ms']:>10.2f}"
-                f"{row['total_cpu_ms']:>10.1f}{row['speedup']:>9.1f}x")
+        line = (f"  {row['form']:<58}{row['fwd_ms']:>11.2f}{row['bwd_ms']:>12.2f}{row['total_ms']:>12.2f}"
+                f"{row['total_cpu_ms']:>12.1f}{row['speedup']:>9.1f}x")
         if fwd_bytes and device.type == "cuda":
             row["fwd_gbs"] = fwd_bytes / (row["fwd_ms"] * 1e-3) / 1e9
             row["fwd_peak_share"] = row["fwd_gbs"] / peak if peak else None
