@@ -16,8 +16,9 @@ Data flow:
   Every head / expert is computed densely (SDPA / einsum) and masked by its weight.
 - Gating runs outside activation checkpointing, the expert computation inside, so a
   recomputation (bf16 or not) cannot flip a threshold decision.
-- Training (``labels`` given, grad enabled) adds the surprise routing loss and reports the
-  PI score (see ``TinyONNForCausalLM.routing_loss``).
+- Training (``labels`` given, grad enabled) adds the surprise routing loss inside the main
+  backward pass (``RoutingLossTap``; ``routing_loss`` is its readable two-pass twin) and
+  reports the PI score.
 - All key/value state lives in the strata ``RecurrentCache`` (``cache.update``), so decoding
   token by token equals one full forward pass, beam search reorders it, left padding works.
 """
@@ -146,6 +147,9 @@ class Routing(NamedTuple):
     logits: torch.Tensor  # (B, T, E) fp32, cos(h, S) - sigmoid(g), differentiable w.r.t. the gate
     weights: torch.Tensor  # (B, T, E) softmax over active experts, straight-through mask
     active: torch.Tensor  # (B, T, E) bool
+    # The same logits with h detached (training only): the routing loss trains the gate's
+    # keys and thresholds, not the representation (the main loss does that).
+    loss_logits: torch.Tensor | None = None
 
 
 class ThresholdGate(nn.Module):
@@ -161,7 +165,8 @@ class ThresholdGate(nn.Module):
         self.groups = list(groups) if groups is not None else [num_experts]
         self.keys = nn.Parameter(torch.empty(num_experts, hidden_size))
         self.threshold = nn.Parameter(torch.empty(num_experts))
-        self.register_buffer("eligible", torch.ones(num_experts, dtype=torch.bool))
+        # 1.0 / 0.0 per expert (a float buffer: state dicts stay numeric for sharding tools)
+        self.register_buffer("eligible", torch.ones(num_experts))
         self.k_min = k_min
         self.activation_counts: torch.Tensor | None = None  # tokens routed to each expert in training
 
@@ -189,7 +194,7 @@ class ThresholdGate(nn.Module):
         logits = logits - torch.sigmoid(self.threshold.float())
         by_threshold = logits > 0
         k = min(self.k_min, self.num_experts)
-        ranked = logits.detach().masked_fill(~self.eligible, float("-inf"))
+        ranked = logits.detach().masked_fill(self.eligible == 0, float("-inf"))
         fallback = torch.zeros_like(by_threshold).scatter_(-1, ranked.topk(k, dim=-1).indices, True)
         active = torch.where(by_threshold.any(-1, keepdim=True), by_threshold, fallback)
         relu = F.relu(logits)
@@ -198,12 +203,16 @@ class ThresholdGate(nn.Module):
         e = torch.exp(z - z.max(-1, keepdim=True).values.detach())
         total = sum(e[..., a:b].sum(-1, keepdim=True) for a, b in spans)  # softmax over the active ones
         weights = e / total * mask
+        loss_logits = None
         if self.training:
             with torch.no_grad():
                 counts = active.flatten(0, -2).sum(0).float()
                 self.activation_counts = counts if self.activation_counts is None else self.activation_counts + counts
-                self.eligible |= by_threshold.flatten(0, -2).any(0)
-        return Routing(logits, weights.to(x.dtype), active)
+                self.eligible.copy_(torch.maximum(self.eligible, by_threshold.flatten(0, -2).any(0).to(self.eligible.dtype)))
+            if torch.is_grad_enabled():
+                loss_logits = torch.cat([x_unit.detach() @ keys_unit[a:b].T for a, b in spans], dim=-1)
+                loss_logits = loss_logits - torch.sigmoid(self.threshold.float())
+        return Routing(logits, weights.to(x.dtype), active, loss_logits)
 
     @torch.no_grad()
     def grow(self, n: int, threshold: float) -> None:
@@ -212,10 +221,121 @@ class ThresholdGate(nn.Module):
         self.keys = nn.Parameter(torch.cat([self.keys.data, new_keys]))
         new_threshold = torch.full((n,), threshold, device=self.threshold.device, dtype=self.threshold.dtype)
         self.threshold = nn.Parameter(torch.cat([self.threshold.data, new_threshold]))
-        self.eligible = torch.cat([self.eligible, torch.zeros(n, dtype=torch.bool, device=self.eligible.device)])
+        self.eligible = torch.cat([self.eligible, self.eligible.new_zeros(n)])
         self.groups.append(n)
         if self.activation_counts is not None:
             self.activation_counts = torch.cat([self.activation_counts, self.activation_counts.new_zeros(n)])
+
+
+# --------------------------------------------------------------------------- routing loss
+def gate_loss_and_gradient(S, logits, config):
+    """The surprise routing loss of one gated sub-layer and its gradient w.r.t. ``logits``.
+
+    S, logits: (B, T, E). Over the tokens with a loss gradient (S > 0 somewhere):
+    L = w_ce CE(logits, argmin_e S) + w_kl KL(softmax(-S / mean_e S) || softmax(logits)),
+    means over those tokens. Returns (L, dL/dlogits, valid) or None when no token counts.
+    """
+    valid = S.sum(-1) > 0
+    n = int(valid.sum())
+    if n == 0:
+        return None
+    S_v, logits_v = S[valid], logits[valid].float()
+    log_q = F.log_softmax(logits_v, dim=-1)
+    log_p = F.log_softmax(-S_v / S_v.mean(-1, keepdim=True).clamp_min(1e-12), dim=-1)
+    target = S_v.argmin(-1)
+    loss = (config.gate_ce_weight * F.nll_loss(log_q, target)
+            + config.gate_kl_weight * (log_p.exp() * (log_p - log_q)).sum(-1).mean())
+    q = log_q.exp()
+    grad_v = (config.gate_ce_weight * (q - F.one_hot(target, q.shape[-1]).float())
+              + config.gate_kl_weight * (q - log_p.exp())) / n
+    grad = torch.zeros_like(logits, dtype=torch.float32)
+    grad[valid] = grad_v
+    return loss, grad, valid
+
+
+class RoutingLossTap:
+    """The surprise routing loss in the main backward pass (one pass, no second gradient).
+
+    ``_SurpriseTap`` sits on the routed outputs u of every gated sub-layer (identity forward).
+    In the backward pass it receives dL/du, exactly the gradient of the main loss there
+    (the routing loss reaches only gate parameters, never u), turns it into the surprise S,
+    and returns the routing loss's gradient w.r.t. the gate logits, scaled by w_gate / number
+    of gated sub-layers and by the factor the backward applied to the loss (gradient
+    accumulation, loss scaling; read by ``_ScaleProbe`` on the loss). The loss values and the
+    surprise are collected here for logging and the PI score.
+    """
+
+    def __init__(self, config, n_sublayers: int, n_tokens: int):
+        self.config, self.n_sublayers, self.n_tokens = config, n_sublayers, max(int(n_tokens), 1)
+        self.scale: torch.Tensor | None = None
+        self.parts: dict = {}
+        self.losses: list[float] = []
+        self.surprises: list[float] = []
+
+    def collect(self, key, part, n_parts, S_part, logits, active):
+        parts = self.parts.setdefault(key, {})
+        parts[part] = S_part
+        if len(parts) < n_parts:
+            return torch.zeros_like(logits)
+        S = torch.cat([parts[i] for i in range(n_parts)], dim=-1)
+        del self.parts[key]
+        scale = self.scale if self.scale is not None else torch.ones((), device=S.device)
+        S = S / scale.float().abs().clamp_min(1e-30) * self.n_tokens  # per token, unscaled
+        if self.config.surprise_times_routing_weight:
+            S = S * torch.softmax(logits.float().masked_fill(~active, float("-inf")), -1)  # see the config
+        result = gate_loss_and_gradient(S, logits, self.config)
+        if result is None:
+            return torch.zeros_like(logits)
+        loss, grad, valid = result
+        act = active[valid]
+        self.losses.append(float(loss))
+        self.surprises.append(float((S[valid] * act).sum() / act.sum().clamp_min(1)))
+        weight = self.config.gate_loss_weight / self.n_sublayers
+        return (grad * (weight * scale.float())).to(logits.dtype)
+
+    @property
+    def gate_loss(self) -> float | None:
+        return sum(self.losses) / len(self.losses) if self.losses else None
+
+    @property
+    def surprise(self) -> float | None:
+        return sum(self.surprises) / len(self.surprises) if self.surprises else None
+
+
+class _SurpriseTap(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, u, loss_logits, active, tap, key, part, n_parts):
+        ctx.tap, ctx.key, ctx.part, ctx.n_parts = tap, key, part, n_parts
+        ctx.save_for_backward(loss_logits.detach(), active)
+        return u.view_as(u)
+
+    @staticmethod
+    def backward(ctx, grad_u):
+        logits, active = ctx.saved_tensors
+        S_part = grad_u.detach().float().flatten(3).norm(dim=-1)  # (B, T, E_part)
+        grad_logits = ctx.tap.collect(ctx.key, ctx.part, ctx.n_parts, S_part, logits, active)
+        return grad_u, grad_logits, None, None, None, None, None
+
+
+class _ScaleProbe(torch.autograd.Function):
+    """Identity on the loss; its backward records d(total)/d(loss) for the taps (it runs first)."""
+
+    @staticmethod
+    def forward(ctx, loss, tap):
+        ctx.tap = tap
+        return loss.clone()  # a scalar; a view would forbid the Trainer's in-place scaling
+
+    @staticmethod
+    def backward(ctx, grad):
+        ctx.tap.scale = grad.detach()
+        return grad, None
+
+
+def tap_routed(u, route: "Routing", tap, key, part=0, n_parts=1):
+    """u, marked for the routing loss when a tap is active (training with labels)."""
+    if tap is None or route.loss_logits is None or not u.requires_grad:
+        return u
+    return _SurpriseTap.apply(u, route.loss_logits, route.active, tap, key, part, n_parts)
 
 
 # --------------------------------------------------------------------------- DynSIHA
@@ -234,7 +354,7 @@ class DynSIHAttention(nn.Module):
         self.o_proj = nn.Linear(inner, d, bias=False)
         self.gate = ThresholdGate(d, config.num_attention_heads, config.min_active_heads)
 
-    def execute(self, x, weights, cos, sin, key_mask=None, cache=None):
+    def execute(self, x, weights, cos, sin, key_mask=None, cache=None, route=None, tap=None, key=None):
         """x (B, T, D), weights (B, T, H) -> output (B, T, D), routed head outputs (u,), u (B, T, H, Dh)."""
         B, T, _ = x.shape
         q = self.q_proj(x).view(B, T, self.num_heads, self.head_dim).transpose(1, 2)  # (B, H, T, Dh)
@@ -245,7 +365,7 @@ class DynSIHAttention(nn.Module):
             k, v = cache.update(k, v, self.layer_idx)
         mask = causal_padding_mask(key_mask, T, k.shape[2], x.device)
         o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None and T > 1)
-        u = o.transpose(1, 2) * weights[..., None]  # (B, T, H, Dh)
+        u = tap_routed(o.transpose(1, 2) * weights[..., None], route, tap, key)  # (B, T, H, Dh)
         return self.o_proj(u.reshape(B, T, -1)), (u,)
 
 
@@ -262,13 +382,14 @@ class MoIEFeedForward(nn.Module):
         self.gate = ThresholdGate(d, e, config.min_active_experts, config.expert_groups)
         self.initializer_range = config.initializer_range
 
-    def execute(self, x, weights):
+    def execute(self, x, weights, route=None, tap=None, key=None):
         """x (B, T, D), weights (B, T, E) -> output (B, T, D), routed expert hiddens u: one
         (B, T, E_g, F) tensor per generation of experts, added in order."""
         y, us = None, []
-        for a, b in self.gate.spans():
+        spans = self.gate.spans()
+        for part, (a, b) in enumerate(spans):
             h = F.silu(torch.einsum("btd,edf->btef", x, self.w_in[a:b]))
-            u = h * weights[..., a:b, None]
+            u = tap_routed(h * weights[..., a:b, None], route, tap, key, part, len(spans))
             part = torch.einsum("btef,efd->btd", u, self.w_out[a:b])
             y = part if y is None else y + part
             us.append(u)
@@ -324,24 +445,26 @@ class TinyONNBlock(nn.Module):
         self.mlp_norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.moie = MoIEFeedForward(config)
 
-    def forward(self, h, rope, key_mask=None, cache=None, records: list | None = None):
+    def forward(self, h, rope, key_mask=None, cache=None, records: list | None = None, tap=None):
         cos, sin = rope
         checkpoint = self.gradient_checkpointing and self.training and cache is None and torch.is_grad_enabled()
+        key = 2 * self.attn.layer_idx
         x = self.attn_norm(h)
         route = self.attn.gate(x)
         if checkpoint:
-            y, u = self._gradient_checkpointing_func(self.attn.execute, x, route.weights, cos, sin, key_mask)
+            y, u = self._gradient_checkpointing_func(self.attn.execute, x, route.weights, cos, sin, key_mask, None,
+                                                     route, tap, key)
         else:
-            y, u = self.attn.execute(x, route.weights, cos, sin, key_mask, cache)
+            y, u = self.attn.execute(x, route.weights, cos, sin, key_mask, cache, route, tap, key)
         if records is not None:
             records.append(RoutingRecord(route, u))
         h = h + y
         x = self.mlp_norm(h)
         route = self.moie.gate(x)
         if checkpoint:
-            y, u = self._gradient_checkpointing_func(self.moie.execute, x, route.weights)
+            y, u = self._gradient_checkpointing_func(self.moie.execute, x, route.weights, route, tap, key + 1)
         else:
-            y, u = self.moie.execute(x, route.weights)
+            y, u = self.moie.execute(x, route.weights, route, tap, key + 1)
         if records is not None:
             records.append(RoutingRecord(route, u))
         return h + y
@@ -361,12 +484,11 @@ class TinyONNModelOutput(BaseModelOutputWithPast):
 
 @dataclass
 class TinyONNCausalLMOutput(CausalLMOutputWithPast):
-    """``loss`` has the value of ``main_loss`` (the language-model loss); in training its gradient
-    also carries ``w_gate * grad gate_loss`` (the surprise routing loss, reported apart)."""
+    """``loss`` has the value of ``main_loss`` (the language-model loss); in training its backward
+    pass also gives the gate parameters ``w_gate * grad`` of the surprise routing loss, whose
+    value, like the surprise, exists only after that backward: ``model.routing_stats()``."""
 
     main_loss: torch.Tensor | None = None
-    gate_loss: torch.Tensor | None = None
-    surprise: torch.Tensor | None = None
     output_entropy: torch.Tensor | None = None
     pi_score: torch.Tensor | None = None
     head_active_fraction: torch.Tensor | None = None
@@ -511,6 +633,7 @@ class TinyONNModel(TinyONNPreTrainedModel):
         use_cache: bool | None = None,
         output_hidden_states: bool | None = None,
         return_routing: bool = False,
+        routing_tap: RoutingLossTap | None = None,
         return_dict: bool | None = None,
         **kwargs,
     ) -> TinyONNModelOutput:
@@ -545,7 +668,7 @@ class TinyONNModel(TinyONNPreTrainedModel):
         records = []
         all_hidden = (h,) if output_hidden_states else None
         for layer in self.layers:
-            h = layer(h, rope, key_mask, cache, records)
+            h = layer(h, rope, key_mask, cache, records, routing_tap)
             if output_hidden_states:
                 all_hidden += (h,)
         h = self.norm(h)
@@ -653,11 +776,15 @@ class TinyONNForCausalLM(TinyONNPreTrainedModel, BlockGenerationMixin):
         **kwargs,
     ) -> TinyONNCausalLMOutput:
         train_routing = labels is not None and self.training and torch.is_grad_enabled()
+        tap = None
+        if train_routing and self.config.gate_loss_weight > 0:
+            n_tokens = int((labels[:, 1:] != -100).sum())
+            tap = RoutingLossTap(self.config, 2 * self.config.num_hidden_layers, n_tokens)
         out = self.model(
             input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
             past_key_values=past_key_values, inputs_embeds=inputs_embeds, word_token_ids=word_token_ids,
             pixel_values=pixel_values, patch_positions=patch_positions, use_cache=use_cache,
-            output_hidden_states=output_hidden_states, return_routing=train_routing,
+            output_hidden_states=output_hidden_states, routing_tap=tap,
         )
         h = out.last_hidden_state
         if logits_to_keep and labels is None:
@@ -674,37 +801,67 @@ class TinyONNForCausalLM(TinyONNPreTrainedModel, BlockGenerationMixin):
                 raise ValueError(f"`labels` are longer ({labels.shape[1]}) than the sequence ({logits.shape[1]})")
             labels = torch.cat([labels.new_full((labels.shape[0], logits.shape[1] - labels.shape[1]), -100), labels], 1)
         main = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.vocab_size, **kwargs)
-        loss, gate_loss, surprise = main, None, None
-        if train_routing and main.requires_grad and self.config.gate_loss_weight > 0:
-            gate_loss, surprise = self.routing_loss(main, out.routing, labels)
-            if gate_loss is not None:
-                # The value of `loss` stays the language-model loss (comparable with any other
-                # model, in logs and evaluation); its gradient carries w_gate * grad L_gate.
-                weighted = self.config.gate_loss_weight * gate_loss
-                loss = main + (weighted - weighted.detach())
+        loss = main
+        if tap is not None and main.requires_grad:
+            # Same value as the LM loss (comparable with any model); the backward pass adds
+            # w_gate * grad of the routing loss to the gate parameters (RoutingLossTap).
+            loss = _ScaleProbe.apply(main, tap)
         with torch.no_grad():
             target = labels[:, 1:] != -100
             logp = logits[:, :-1].float().log_softmax(-1)
             entropy = -(logp.exp() * logp).sum(-1)
             tau = (entropy * target).sum() / target.sum().clamp_min(1)
-            s = surprise if surprise is not None else torch.zeros((), device=logits.device)
-            a, g = self.config.pi_alpha, self.config.pi_gamma
-            pi = torch.exp(-a * ((1 - g) * main.detach().float() / tau.clamp_min(1e-6) + g * s))
-        result.loss, result.main_loss, result.gate_loss = loss, main.detach(), None if gate_loss is None else gate_loss.detach()
-        result.surprise, result.output_entropy, result.pi_score = surprise, tau, pi
+        previous = self._last_surprise() if train_routing else None
+        result.loss, result.main_loss, result.output_entropy = loss, main.detach(), tau
+        result.pi_score = self.pi_score(main.detach(), tau, previous)
+        if train_routing:
+            self._routing_stats = {"main_loss": main.detach(), "output_entropy": tau, "tap": tap,
+                                   "surprise": previous}
+        return result
+
+    _routing_stats: dict = {}
+
+    def _last_surprise(self) -> float | None:
+        stats = self._routing_stats
+        tap = stats.get("tap")
+        if tap is not None and tap.surprise is not None:
+            return tap.surprise
+        return stats.get("surprise")
+
+    def pi_score(self, main_loss, tau, surprise=None) -> torch.Tensor:
+        """PI = exp(-alpha((1 - gamma) L / tau + gamma Surprise)); Surprise 0 when unknown."""
+        a, g = self.config.pi_alpha, self.config.pi_gamma
+        s = float(surprise) if surprise is not None else 0.0
+        return torch.exp(-a * ((1 - g) * main_loss.float() / tau.clamp_min(1e-6) + g * s))
+
+    def routing_stats(self) -> dict:
+        """After the backward pass of a training forward with labels: the routing loss, the mean
+        surprise and the PI score of that step (the forward's ``out.pi_score`` can only use the
+        surprise of the step before, because the surprise is a gradient)."""
+        stats = self._routing_stats
+        if not stats:
+            return {}
+        tap = stats["tap"]
+        surprise = self._last_surprise()
+        result = {"pi_score": float(self.pi_score(stats["main_loss"], stats["output_entropy"], surprise)),
+                  "output_entropy": float(stats["output_entropy"])}
+        if surprise is not None:
+            result["surprise"] = float(surprise)
+        if tap is not None and tap.gate_loss is not None:
+            result["gate_loss"] = tap.gate_loss
         return result
 
     def routing_loss(self, main_loss: torch.Tensor, records: list, labels: torch.Tensor):
-        """Surprise routing loss, averaged over the gated sub-layers; returns (loss, mean surprise).
+        """The surprise routing loss written out with a second gradient: the readable twin of
+        ``RoutingLossTap`` (which computes the same in the main backward pass), used by tests.
 
         S[t, e] = ||dL_main / du[t, e]|| * N, the gradient norm of the main loss at the routed
         output u of expert (head) e for token t (the slot before the output projection; it
         exists for inactive experts too, so S says how much each expert's output would move
-        the loss), times the N tokens of the mean loss so that S is per-token. With
-        ``surprise_times_routing_weight`` it is multiplied by the routing weight as in the
-        reference. L_gate = w_ce CE(logits, argmin_e S) + w_kl KL(softmax(-S/mean S) || softmax(logits)),
-        over the tokens that carry a loss gradient. The gradient of S is taken without graph
-        (S is a target); L_gate reaches the gate parameters through the logits.
+        the loss), times the N tokens of the mean loss so that S is per token. L_gate, averaged
+        over gated sub-layers: see ``gate_loss_and_gradient``. S is a target (no graph); L_gate
+        reaches the gate parameters through the gate logits computed on a detached h.
+        Returns (loss, mean surprise over active experts).
         """
         records = [r for r in records if all(u.requires_grad for u in r.u)]
         if not records:
@@ -718,19 +875,19 @@ class TinyONNForCausalLM(TinyONNPreTrainedModel, BlockGenerationMixin):
             parts = [(next(grads), u) for u in record.u]
             S = torch.cat([(g if g is not None else torch.zeros_like(u)).float().flatten(3).norm(dim=-1)
                            for g, u in parts], dim=-1) * n_tokens  # (B, T, E)
+            route = record.routing
             if cfg.surprise_times_routing_weight:
-                S = S * record.routing.weights.detach().float()
+                S = S * torch.softmax(route.logits.detach().masked_fill(~route.active, float("-inf")), -1)
             valid = S.sum(-1) > 0
             if not bool(valid.any()):
                 continue
-            S, logits, active = S[valid], record.routing.logits[valid], record.routing.active[valid]
-            target = S.argmin(-1)
+            S_v, logits, active = S[valid], route.loss_logits[valid], route.active[valid]
             log_q = F.log_softmax(logits, dim=-1)
-            log_p = F.log_softmax(-S / S.mean(-1, keepdim=True).clamp_min(1e-12), dim=-1)
-            ce = F.nll_loss(log_q, target)
+            log_p = F.log_softmax(-S_v / S_v.mean(-1, keepdim=True).clamp_min(1e-12), dim=-1)
+            ce = F.nll_loss(log_q, S_v.argmin(-1))
             kl = F.kl_div(log_q, log_p, log_target=True, reduction="batchmean")
             losses.append(cfg.gate_ce_weight * ce + cfg.gate_kl_weight * kl)
-            surprises.append((S * active).sum() / active.sum().clamp_min(1))
+            surprises.append((S_v * active).sum() / active.sum().clamp_min(1))
         if not losses:
             return None, None
         return torch.stack(losses).mean(), torch.stack(surprises).mean().detach()

@@ -35,6 +35,8 @@ Three pieces, all usable with any strata (or Transformers) causal LM:
   every ``reinit_dead_every`` steps, and adds the model's routing metrics (``pi_score``,
   ``gate_loss``, ``surprise``, ``head_active_fraction``, ``expert_active_fraction``,
   ``lr_scale``) to the Trainer logs, hence to TensorBoard / any ``report_to`` integration.
+  Metrics the backward pass produces (Tiny-ONN's routing loss, surprise and the PI score
+  that uses them) are read from ``model.routing_stats()`` after every backward.
 
 Loading: ``PerpetualStore(dir).load_model()`` (or ``load_state_dict()``).
 """
@@ -290,16 +292,26 @@ class _StepRecorder:
         self.losses, self.metrics = [], defaultdict(list)
 
     def observe(self, inputs: dict, loss: torch.Tensor, outputs) -> None:
+        """A training forward: fingerprint its data, keep its loss and the model's metrics."""
         for key in ("input_ids", "word_token_ids", "pixel_values"):
             value = inputs.get(key) if isinstance(inputs, dict) else None
             if isinstance(value, torch.Tensor):
                 self.fingerprint.update(key.encode())
                 self.fingerprint.update(value.detach().contiguous().cpu().reshape(-1).view(torch.uint8).numpy().tobytes())
         self.losses.append(float(loss.detach()))
+        self.pending = {}
         for key in MODEL_METRICS:
             value = outputs.get(key) if hasattr(outputs, "get") else None
             if value is not None:
-                self.metrics[key].append(float(value))
+                self.pending[key] = float(value)
+
+    def observe_backward(self, stats: dict) -> None:
+        """After its backward: metrics that only the backward pass knows (Tiny-ONN's routing
+        loss, surprise and exact PI, ``model.routing_stats()``) replace the forward's."""
+        merged = dict(getattr(self, "pending", {}), **{k: v for k, v in stats.items() if k in MODEL_METRICS})
+        for key, value in merged.items():
+            self.metrics[key].append(value)
+        self.pending = {}
 
 
 def _mean(values):
@@ -397,6 +409,12 @@ class PerpetualTrainer(Trainer):
         if model.training:
             self._recorder.observe(inputs, loss, outputs)
         return (loss, outputs) if return_outputs else loss
+
+    def training_step(self, model, inputs, num_items_in_batch=None):
+        loss = super().training_step(model, inputs, num_items_in_batch)
+        stats = self.model.routing_stats() if hasattr(self.model, "routing_stats") else {}
+        self._recorder.observe_backward(stats)
+        return loss
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
         if "loss" in logs:  # a training log: add the means of the model's metrics since the last one
