@@ -77,8 +77,8 @@ class TinyONNConfig(StrataConfigMixin, PretrainedConfig):
 
     model_type = "tiny_onn"
     keys_to_ignore_at_inference = [
-        "past_key_values", "gate_loss", "main_loss", "pi_score", "surprise", "head_active_fraction",
-        "expert_active_fraction", "output_entropy",
+        "past_key_values", "main_loss", "pi_score", "head_active_fraction", "expert_active_fraction",
+        "output_entropy",
     ]
     PRESETS = {"tiny": _TINY, "0.1b": _BONSAI, "bonsai": _BONSAI, "omni-1b": _OMNI_1B}
 
