@@ -129,7 +129,7 @@ def bits_per_char_blocks(model, val, block=128, batch=32) -> float:
     return total / (n * block) / math.log(2)
 
 
-def train_for(model, train, seconds, batch=16, length=128, lr=2e-3, warmup=30, budget="cpu") -> dict:
+def train_for(model, train, seconds, batch=16, length=128, lr=2e-3, warmup=30, budget="cpu", max_steps=None) -> dict:
     model.train()
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: min(1.0, (step + 1) / warmup))
@@ -138,7 +138,7 @@ def train_for(model, train, seconds, batch=16, length=128, lr=2e-3, warmup=30, b
     measured_tokens, measured_wall, measured_cpu = 0, 0.0, 0.0
     start, cpu_start = time.perf_counter(), time.process_time()
     spent = (lambda: time.process_time() - cpu_start) if budget == "cpu" else (lambda: time.perf_counter() - start)
-    while spent() < seconds:
+    while (spent() < seconds) if max_steps is None else (steps < max_steps):
         t0, c0 = time.perf_counter(), time.process_time()
         idx = torch.randint(0, train.numel() - length - 1, (batch,), generator=g)
         x = torch.stack([train[i : i + length] for i in idx.tolist()])
@@ -162,13 +162,13 @@ def train_for(model, train, seconds, batch=16, length=128, lr=2e-3, warmup=30, b
             "final_train_loss_nats": statistics.mean(losses[-20:])}
 
 
-def run_train(names, seconds, val_chars, budget="cpu") -> dict:
+def run_train(names, seconds, val_chars, budget="cpu", max_steps=None) -> dict:
     tok, train, val = shakespeare_data()
     val = val[: val_chars + 1]
     models = build_all(len(tok), names)
     results = {}
     for name, model in models.items():
-        row = {"model": describe(model), **train_for(model, train, seconds, budget=budget)}
+        row = {"model": describe(model), **train_for(model, train, seconds, budget=budget, max_steps=max_steps)}
         row["val_bpc"] = bits_per_char_blocks(model, val)
         results[name] = row
         print(f"  {name:20s} {row['model']['parameters']:>9,d} params: {row['steps']:4d} steps, "
@@ -255,6 +255,8 @@ def main(argv=None):
     parser.add_argument("--models", default="transformer,mamba," + ",".join(ABLATIONS))
     parser.add_argument("--train-seconds", type=float, default=120.0)
     parser.add_argument("--val-chars", type=int, default=16384)
+    parser.add_argument("--steps", type=int, default=None,
+                        help="train every model for this many steps instead of a time budget (equal-steps ablation)")
     parser.add_argument("--budget", default="cpu", choices=("cpu", "wall"),
                         help="what --train-seconds counts: this process's CPU time (default; with one thread it is "
                              "the wall-clock of a quiet machine) or wall-clock")
@@ -271,8 +273,10 @@ def main(argv=None):
     results = {"torch": torch.__version__, "transformers": transformers.__version__, "threads": args.threads,
                "cpu_count": os.cpu_count(), "load_average_start": os.getloadavg(), "args": vars(args)}
     if "train" in sections:
-        print(f"training, {args.train_seconds:.0f} s of {args.budget} time each", flush=True)
-        results["train"] = run_train(args.models.split(","), args.train_seconds, args.val_chars, args.budget)
+        print(f"training, {args.steps} steps each" if args.steps else
+              f"training, {args.train_seconds:.0f} s of {args.budget} time each", flush=True)
+        results["train"] = run_train(args.models.split(","), args.train_seconds, args.val_chars, args.budget,
+                                     args.steps)
     if "latency" in sections:
         print("decode latency", flush=True)
         results["latency"] = run_latency([int(p) for p in args.prompts.split(",")], args.decode_tokens)
