@@ -1,6 +1,6 @@
 """Training tokens/s of the ``mamba`` preset against the chunk length of its selective scan.
 
-    .venv/bin/python bench/scan_chunk.py [--chunks 64,32,16,8] [--json PATH]
+    .venv/bin/python bench/scan_chunk.py [--chunks 64,32,16,8] [--json PATH] [--threads 1 --clock cpu]
 
 ``config.scan_chunk_size`` (default 16; before, the scan used ``config.chunk_size``, 64) is
 the chunk length of the chunked selective scan. The chunked scan materialises [batch, inner, state, chunk]
@@ -32,9 +32,14 @@ def main(argv=None):
     parser.add_argument("--seq", type=int, default=256)
     parser.add_argument("--steps", type=int, default=5)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--clock", choices=("wall", "cpu"), default="wall",
+                        help="cpu: this process's CPU time (with --threads 1), robust to other processes")
     parser.add_argument("--json", type=Path, default=None)
     args = parser.parse_args(argv)
+    if args.clock == "cpu" and args.threads != 1:
+        parser.error("--clock cpu needs --threads 1")
     torch.set_num_threads(args.threads)
+    harness.set_clock(args.clock)
 
     named = {"transformer": models.build("transformer")}
     for chunk in (int(c) for c in args.chunks.split(",")):
@@ -43,7 +48,7 @@ def main(argv=None):
             models.strata_config("mamba", scan_chunk_size=chunk))
     load_start = harness.load_average()
     results = harness.train_round_robin(named, args.batch, args.seq, args.steps, warmup=2)
-    print(f"training, batch {args.batch} x seq {args.seq}, {args.threads} threads, load {load_start} -> "
+    print(f"training, batch {args.batch} x seq {args.seq}, {args.threads} threads, {args.clock} clock, load {load_start} -> "
           f"{harness.load_average()}")
     print("| model | tokens/s | step ms | x transformer |")
     print("| --- | ---: | ---: | ---: |")
