@@ -93,7 +93,7 @@ def build_all(vocab: int, names) -> dict:
             models[name] = matched_baseline(name, vocab, target)
         elif name in ABLATIONS:
             models[name] = mt_hope(vocab, **ABLATIONS[name])
-    return {k: v for k, v in models.items() if k == "mt_hope" or k in names}
+    return {k: v for k, v in models.items() if k in names}
 
 
 def describe(model) -> dict:
@@ -166,6 +166,8 @@ def run_train(names, seconds, val_chars, budget="cpu", max_steps=None) -> dict:
     tok, train, val = shakespeare_data()
     val = val[: val_chars + 1]
     models = build_all(len(tok), names)
+    if not models:
+        raise ValueError(f"no known model in {names}; choose from mt_hope, transformer, mamba, {', '.join(ABLATIONS)}")
     results = {}
     for name, model in models.items():
         row = {"model": describe(model), **train_for(model, train, seconds, budget=budget, max_steps=max_steps)}
@@ -174,8 +176,9 @@ def run_train(names, seconds, val_chars, budget="cpu", max_steps=None) -> dict:
         print(f"  {name:20s} {row['model']['parameters']:>9,d} params: {row['steps']:4d} steps, "
               f"{row['train_tokens_per_s']:6.0f} tok/s (cpu {row['train_tokens_per_cpu_s']:6.0f}), "
               f"val bpc {row['val_bpc']:.3f}", flush=True)
-    base = results["mt_hope"]["val_bpc"]
-    results["ablation_delta_bpc"] = {k: results[k]["val_bpc"] - base for k in ABLATIONS if k in results}
+    if "mt_hope" in results:
+        base = results["mt_hope"]["val_bpc"]
+        results["ablation_delta_bpc"] = {k: results[k]["val_bpc"] - base for k in ABLATIONS if k in results}
     return results
 
 
@@ -212,7 +215,7 @@ def decode_latency(models: dict, prompt_len: int, tokens: int, vocab: int) -> di
 
 
 def run_latency(prompts, tokens, vocab=400) -> dict:
-    models = build_all(vocab, ("transformer", "mamba"))
+    models = build_all(vocab, ("mt_hope", "transformer", "mamba"))
     results = {name: [] for name in models}
     for p in prompts:
         for name, row in decode_latency(models, p, tokens, vocab).items():
@@ -252,7 +255,7 @@ def run_continual(seconds, new_chars=2048, heldout_chars=2048, segment=128, lr=1
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--sections", default="train,latency")
-    parser.add_argument("--models", default="transformer,mamba," + ",".join(ABLATIONS))
+    parser.add_argument("--models", default="mt_hope,transformer,mamba," + ",".join(ABLATIONS))
     parser.add_argument("--train-seconds", type=float, default=120.0)
     parser.add_argument("--val-chars", type=int, default=16384)
     parser.add_argument("--steps", type=int, default=None,
