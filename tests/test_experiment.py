@@ -156,6 +156,24 @@ def test_run_is_deterministic():
     assert a["run_id"] == b["run_id"]
 
 
+def test_rerun_runs_named_cells_again_and_records_each_command(tmp_path):
+    raw = copy.deepcopy(TINY_GRID)
+    raw["models"] = raw["models"][:1]
+    raw["tasks"] = [raw["tasks"][1]]  # mqar
+    raw["efficiency"] = None
+    config = parse_config(raw)
+    quiet = dict(progress=False, log=lambda s: None)
+    assert run_experiment(config, tmp_path, command="first", **quiet)["ran"] == 1
+    assert run_experiment(config, tmp_path, command="again", **quiet)["ran"] == 0
+    assert run_experiment(config, tmp_path, command="rerun", rerun={"transformer"}, **quiet)["ran"] == 1
+    lines = (tmp_path / "results.jsonl").read_text().splitlines()
+    assert len(lines) == 2 and json.loads(lines[0])["run_id"] == json.loads(lines[1])["run_id"]
+    meta = json.loads((tmp_path / "experiment.json").read_text())
+    assert [h["command"] for h in meta["commands"]] == ["first", "rerun"]  # "again" ran nothing
+    with pytest.raises(ValueError, match="no model or task named"):
+        run_experiment(config, tmp_path, rerun={"nobody"}, **quiet)
+
+
 def test_resume_ignores_a_truncated_last_line(tmp_path):
     path = tmp_path / "results.jsonl"
     path.write_text(json.dumps({"run_id": "a", "status": "ok"}) + "\n" + '{"run_id": "b", "stat')

@@ -124,8 +124,14 @@ def task_findings(res: Results, task: dict) -> list[str]:
     if not ranking:
         return [f"- **{task['name']}**: no finished run."]
     best, score = ranking[0]
+    tied = [m for m, v in ranking if abs(v - score) <= 1e-9 * max(1.0, abs(score))]
     line = f"- **{task['name']}** ({metric}, {direction}): **{best}** wins with {_fmt(score)}"
-    if len(ranking) > 1:
+    if len(tied) > 1:
+        rest = ranking[len(tied):]
+        line = (f"- **{task['name']}** ({metric}, {direction}): **tie** between {', '.join(tied)} at {_fmt(score)}"
+                + (f"; next {rest[0][0]} ({_fmt(rest[0][1])}), {_gap(score, rest[0][1], cls.LOWER_IS_BETTER)} behind"
+                   if rest else ""))
+    elif len(ranking) > 1:
         second, s2 = ranking[1]
         line += f", ahead of {second} ({_fmt(s2)}) by {_gap(score, s2, cls.LOWER_IS_BETTER)}"
         seeds = len(res.config.seeds)
@@ -137,7 +143,9 @@ def task_findings(res: Results, task: dict) -> list[str]:
     line += "."
     lines = [line]
     focus = res.config.focus
-    if focus is not None and focus != best:
+    if focus is not None and len(tied) > 1 and focus in tied:
+        lines.append(f"  - {focus} ties for first: it does **not** win outright.")
+    elif focus is not None and focus != best:
         names = [m for m, _ in ranking]
         if focus in names:
             fscore = dict(ranking)[focus]
@@ -160,7 +168,9 @@ def task_findings(res: Results, task: dict) -> list[str]:
     if task["kind"] == "listops":
         base = [r["metrics"].get("majority_baseline") for r in rows[:1]]
         if base and base[0] is not None:
-            lines.append(f"  - always answering the most frequent digit scores {_fmt(base[0])}.")
+            verdict = ("no model beats it" if score <= base[0] + 1e-9
+                       else f"{sum(v > base[0] + 1e-9 for _, v in ranking)} model(s) beat it")
+            lines.append(f"  - always answering the most frequent digit scores {_fmt(base[0])}: {verdict}.")
     return lines
 
 
@@ -447,11 +457,15 @@ def write_report(config: ExperimentConfig, out: Path, meta: dict | None = None) 
     loads = [x for r in all_rows for x in (r.get("load_average_start", [None])[0], r.get("load_average_end", [None])[0])
              if x is not None]
     starts = sorted(r["started"] for r in all_rows if "started" in r)
+    revisions = sorted({r.get("git_revision") for r in all_rows if r.get("git_revision")})
     lines += [
         "## How this was produced", "",
         f"- command: `{command}`" if command else "- command: (not recorded)",
+        *[f"  - run {i + 1}: `{h['command']}` ({h['runs']} runs, {h['date']})"
+          for i, h in enumerate(meta.get("commands", [])) if len(meta.get("commands", [])) > 1],
         f"- config: `{meta.get('source')}`; results: `results.jsonl` (one row per run, keyed by run id)",
-        f"- git revision: `{meta.get('git_revision')}`; strata {machine.get('strata')}, torch {machine.get('torch')}, "
+        f"- git revision of the runs: {', '.join(f'`{r}`' for r in revisions) or '(unknown)'}; "
+        f"strata {machine.get('strata')}, torch {machine.get('torch')}, "
         f"transformers {machine.get('transformers')}, Python {machine.get('python')}",
         f"- machine: {machine.get('cpu_count')} CPUs ({machine.get('processor')}), {machine.get('torch_threads')} torch "
         f"threads, CUDA {'yes' if machine.get('cuda') else 'no'}",

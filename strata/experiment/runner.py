@@ -238,16 +238,19 @@ def check_registered(config: ExperimentConfig) -> list[str]:
 
 
 def run_experiment(config: ExperimentConfig, output_dir: str | os.PathLike, progress: bool = True,
-                   command: str | None = None, log: Callable[[str], None] = print) -> dict:
+                   command: str | None = None, log: Callable[[str], None] = print,
+                   rerun: set[str] | frozenset[str] = frozenset()) -> dict:
     """Run every cell of ``config`` not yet done in ``output_dir``, then write the report.
+
+    ``rerun``: model or task names whose cells run again even if finished (e.g. after the
+    model's code changed); the new rows supersede the old ones.
 
     Returns {"output_dir", "ran", "reused", "errors", "skipped", "report"}.
     """
+    import datasets
     from tqdm.auto import tqdm
 
     from strata.experiment.report import write_report
-
-    import datasets
 
     datasets.disable_progress_bars()  # one bar: the runs'
     out = Path(output_dir)
@@ -257,14 +260,23 @@ def run_experiment(config: ExperimentConfig, output_dir: str | os.PathLike, prog
     results_path = out / RESULTS_FILE
     done = read_results(results_path)
     runs = config.runs()
-    todo = [r for r in runs if done.get(r.run_id, {}).get("status") != "ok"]
+    unknown = set(rerun) - {m.name for m in config.models} - {t["name"] for t in config.tasks} - {"efficiency"}
+    if unknown:
+        raise ValueError(f"--rerun: no model or task named {sorted(unknown)}")
+    todo = [r for r in runs if done.get(r.run_id, {}).get("status") != "ok"
+            or r.model.name in rerun or r.task["name"] in rerun]
     log(f"{config.name}: {len(runs)} runs, {len(runs) - len(todo)} already done in {results_path}, "
         f"{len(todo)} to run")
     meta = {"config": config.raw, "source": config.source, "quick": config.quick, "command": command,
             "machine": dict(machine_info(), torch_threads=config.threads), "git_revision": git_revision()}
     previous = out / "experiment.json"
-    if command is None and previous.is_file():  # resumed from Python: keep the recorded command
-        meta["command"] = json.loads(previous.read_text(encoding="utf-8")).get("command")
+    history = json.loads(previous.read_text(encoding="utf-8")).get("commands", []) if previous.is_file() else []
+    if command is not None and todo:  # the invocations that produced rows, in order
+        history.append({"command": command, "runs": len(todo),
+                        "date": datetime.now(timezone.utc).isoformat(timespec="seconds")})
+    meta["commands"] = history
+    if command is None and history:  # resumed from Python: keep the recorded command
+        meta["command"] = history[-1]["command"]
     (out / "experiment.json").write_text(json.dumps(meta, indent=2, sort_keys=True, default=str) + "\n",
                                          encoding="utf-8")
     counts = {"ran": 0, "errors": 0, "skipped": 0}
