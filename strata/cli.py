@@ -271,6 +271,8 @@ def build_parser() -> argparse.ArgumentParser:
     expt.add_argument("--report-only", dest="report_only", action="store_true",
                       help="rebuild report.md and the figures from results.jsonl without running anything")
     expt.add_argument("--dry-run", dest="dry_run", action="store_true", help="validate the file, list the runs, stop")
+    expt.add_argument("--rerun", action="append", default=[], metavar="NAME",
+                      help="run the cells of this model or task again even if finished (repeatable)")
     expt.add_argument("--threads", type=_positive_int, default=None,
                       help="torch CPU threads (default: the file's `threads`, else 1)")
     expt.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
@@ -419,8 +421,9 @@ def _cmd_experiment(args) -> int:
         return 0
     command = " ".join(["strata experiment", shlex.quote(args.config)] + (["--quick"] if args.quick else [])
                        + (["--output-dir", shlex.quote(args.output_dir)] if args.output_dir else [])
-                       + (["--threads", str(args.threads)] if args.threads is not None else []))
-    result = run_experiment(config, output_dir, progress=args.progress, command=command)
+                       + (["--threads", str(args.threads)] if args.threads is not None else [])
+                       + [f"--rerun {shlex.quote(name)}" for name in args.rerun])
+    result = run_experiment(config, output_dir, progress=args.progress, command=command, rerun=set(args.rerun))
     print(f"ran {result['ran']} run(s), reused {result['reused']}; {result['errors']} failed, "
           f"{result['skipped']} skipped; report: {result['report']}")
     return 1 if result["errors"] else 0
