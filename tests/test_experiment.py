@@ -44,7 +44,7 @@ TINY_GRID = {
         {"kind": "listops", "seq_len": 24, "max_depth": 2, "max_args": 3, "eval_examples": 8},
     ],
     "efficiency": {"context_lengths": [16, 32], "decode_tokens": 2, "train_batch_size": 2, "train_seq_len": 16,
-                   "train_steps": 1, "flops_context_lengths": [16], "vocab_size": 32},
+                   "train_steps": 1, "flops_context_lengths": [16, 64], "vocab_size": 32},
 }
 
 
@@ -94,9 +94,10 @@ def test_grid_rows_are_complete_and_finite(grid_run):
         m = r["metrics"]
         assert [p["context"] for p in m["contexts"]] == [16, 32]
         assert m["flops_per_token"]["16"] > 0 and m["train_tokens_per_s"] > 0
-    # the transformer's key/value cache grows with the context
-    t = next(r for r in eff if r["model"] == "transformer")["metrics"]["contexts"]
-    assert t[1]["state_mb"] > t[0]["state_mb"]
+    # the transformer's key/value cache grows with the context, and so do its attention FLOPs per token
+    t = next(r for r in eff if r["model"] == "transformer")["metrics"]
+    assert t["contexts"][1]["state_mb"] > t["contexts"][0]["state_mb"]
+    assert t["flops_per_token"]["64"] > t["flops_per_token"]["16"]
 
 
 def test_param_matching_recorded(grid_run):

@@ -12,7 +12,8 @@ batch 1 for inference, in this process:
   ``state_mb`` = the bytes of every tensor in the returned cache (key/values or recurrent state);
 - FLOPs per token of a forward pass at the ``flops_context_lengths``, counted by
   ``torch.utils.flop_counter.FlopCounterMode``. It counts matrix products, convolutions and
-  attention; element-wise work (the recurrences of the selective scan and of chunked
+  attention (torch's formula: the full L x L score matrix, the causal mask not discounted;
+  the CPU attention kernel is given the same formula as the CUDA ones); element-wise work (the recurrences of the selective scan and of chunked
   retention's decay, activations, norms) is not counted, so it is a lower bound that
   undercounts recurrent mixers more than attention.
 
@@ -181,11 +182,16 @@ def flops_per_token(model, context: int, seed: int = 0) -> float:
     Gradients stay enabled: FlopCounterMode's module tracker fails on some models under
     ``torch.no_grad`` (it hooks the autograd graph), and the count is the same either way.
     """
-    from torch.utils.flop_counter import FlopCounterMode
+    from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count
+
+    def cpu_attention(query_shape, key_shape, value_shape, *args, out_shape=None, **kwargs):
+        return sdpa_flop_count(query_shape, key_shape, value_shape)
 
     gen = torch.Generator().manual_seed(seed)
     ids = torch.randint(3, model.config.vocab_size, (1, context), generator=gen)
-    counter = FlopCounterMode(display=False)
+    # torch registers the attention formula for the CUDA kernels only; the CPU flash kernel gets the same one
+    counter = FlopCounterMode(display=False, custom_mapping={
+        torch.ops.aten._scaled_dot_product_flash_attention_for_cpu: cpu_attention})
     with counter:
         out = model(input_ids=ids, use_cache=False)
     del out

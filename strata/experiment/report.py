@@ -531,8 +531,9 @@ def write_report(config: ExperimentConfig, out: Path, meta: dict | None = None) 
                   f"Random-weight models at the vocabulary size {s['vocab_size']}. Training: batch "
                   f"{s['train_batch_size']} x {s['train_seq_len']} tokens, {s['train_steps']} timed steps. Decoding: "
                   f"a prompt of L - 1 tokens, then {s['decode_tokens']} greedy one-token cached forwards. FLOPs: "
-                  "`torch.utils.flop_counter` on one forward (matrix products and attention only; element-wise "
-                  "recurrences are not counted, a lower bound).", "", eff_tables, ""]
+                  "`torch.utils.flop_counter` on one forward (matrix products and attention only, attention "
+                  "counted over the full L x L scores; element-wise recurrences are not counted, so recurrent "
+                  "mixers are undercounted).", "", eff_tables, ""]
 
     if figures:
         lines += ["## Figures", ""]
