@@ -13,6 +13,9 @@ An experiment file (YAML) declares models, tasks and seeds; the grid is every
         model_type: retmamba       # a key of strata.ARCHITECTURES
         preset: fusion-tiny        # a preset of that architecture's config
         overrides: {fusion_gate: false}      # optional config fields
+      - name: mamba
+        model_type: retmamba
+        preset: mamba-tiny
         match_params: {reference: fusion, field: intermediate_size, multiple: 16}   # optional
     training:                      # defaults of every task (each task may override them)
       steps: 200

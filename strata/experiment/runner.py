@@ -22,7 +22,6 @@ import os
 import platform
 import subprocess
 import tempfile
-import time
 import traceback
 from datetime import datetime, timezone
 from pathlib import Path
