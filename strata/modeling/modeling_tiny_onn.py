@@ -541,12 +541,6 @@ class TinyONNModel(TinyONNPreTrainedModel):
         self.prompt_word_token_ids: torch.Tensor | None = None
         self.post_init()
 
-    def get_input_embeddings(self):
-        return self.embed_tokens
-
-    def set_input_embeddings(self, value):
-        self.embed_tokens = value
-
     # ------------------------------------------------------------------ inputs
     def _check_word_ids(self, word_token_ids, input_ids):
         if input_ids is None:
@@ -716,18 +710,6 @@ class TinyONNForCausalLM(TinyONNPreTrainedModel, BlockGenerationMixin):
         self.model = TinyONNModel(config)
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         self.post_init()
-
-    def get_input_embeddings(self):
-        return self.model.embed_tokens
-
-    def set_input_embeddings(self, value):
-        self.model.embed_tokens = value
-
-    def get_output_embeddings(self):
-        return self.lm_head
-
-    def set_output_embeddings(self, value):
-        self.lm_head = value
 
     def grow_experts(self, n: int) -> None:
         self.model.grow_experts(n)
