@@ -7,6 +7,7 @@ import torch
 
 from strata import MTHopeConfig, MTHopeForCausalLM, MTHopeModel, RecurrentCache
 from strata.modeling.modeling_mt_hope import (
+    MEMORY_GRAD_CLIP,
     AdaptiveMobiusLayer,
     IncidenceAttention,
     PhaseCompression,
@@ -146,6 +147,9 @@ def reference_memory(mem, q, k, v, log_eta, theta, log_beta, C):
         pred = kt + torch.einsum("hdf,hf->hd", a2, scale * torch.nn.functional.silu(torch.einsum("hfd,hd->hf", a1, kt)))
         loss = 0.5 * ((pred - vt) ** 2).sum()
         d1, d2 = torch.autograd.grad(loss, (a1, a2))
+        norm = (d1.square().sum((-2, -1)) + d2.square().sum((-2, -1))).sqrt()  # per head
+        clip = (MEMORY_GRAD_CLIP / norm).clamp(max=1.0)[:, None, None]
+        d1, d2 = d1 * clip, d2 * clip
         eta, th, beta = log_eta[0, :, t].exp(), theta[0, :, t], log_beta[0, :, t].exp()
         s1 = eta[:, None, None] * s1 - th[:, None, None] * d1
         s2 = eta[:, None, None] * s2 - th[:, None, None] * d2
@@ -183,6 +187,29 @@ def test_titans_memory_chunk_parallel_equals_token_recurrence(chunk):
         return 0.5 * ((k + torch.einsum("bhdf,bhtf->bhtd", w2_, h) - v) ** 2).sum()
 
     assert assoc_loss(state["w1"], state["w2"]) < assoc_loss(init["w1"], init["w2"])
+
+
+def test_titans_memory_gradient_clip_is_exact_and_keeps_a_long_stream_finite():
+    torch.manual_seed(0)
+    mem = built(TwistorSelfModifyingRecurrent(tiny(memory_chunk_size=4), 0))
+    with torch.no_grad():
+        mem.lr_bias.copy_(torch.tensor([[6.0], [6.0], [-6.0]]).expand_as(mem.lr_bias))  # max step, momentum ~1
+        mem.init_w1.mul_(8.0)  # grown weights: the regime where unclipped steps diverged
+    u = torch.randn(1, 9, 64)
+    q, k, v, log_eta, theta, log_beta, m = (t.detach() for t in mem.project(u, None))
+    v = v * 50.0  # large targets: the clip is active on every token
+    with torch.no_grad():
+        y, state = mem.memorize(q, k, v, log_eta, theta, log_beta, m, mem.initial_state(1, u.device))
+    ref, (w1, w2, _, _) = reference_memory(mem, q, k, v, log_eta, theta, log_beta, 4)
+    torch.testing.assert_close(y, ref, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(state["w2"][0], w2, atol=1e-4, rtol=1e-4)
+    # a long stream in that regime stays finite and the memory's weights stay bounded
+    long = torch.randn(1, 2000, 64)
+    q, k, v, log_eta, theta, log_beta, m = (t.detach() for t in mem.project(long, None))
+    with torch.no_grad():
+        y, state = mem.memorize(q, k, v * 50.0, log_eta, theta, log_beta, m, mem.initial_state(1, long.device))
+    assert torch.isfinite(y).all()
+    assert state["w2"].abs().max() < 1e4
 
 
 def test_titans_memory_state_is_in_the_cache_and_generation_is_step_by_step():

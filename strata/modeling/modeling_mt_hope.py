@@ -446,6 +446,10 @@ class IncidenceAttention(nn.Module):
 NM_KEYS = ("grad_w1", "grad_w2", "w1", "w2", "s1", "s2")
 NM_POS = "memory_pos"
 THETA_MAX, ALPHA_MAX = 1.0, 0.5
+# Largest norm of one token's test-time gradient (W1 and W2 of a head together): larger ones
+# are scaled down to it. At initialisation the norms are ~0.07-0.18; without the bound a memory
+# whose weights have grown can take a step past the loss's curvature limit and diverge.
+MEMORY_GRAD_CLIP = 1.0
 
 
 def _silu_grad(z):
@@ -468,7 +472,9 @@ def neural_memory_chunk(q, k, v, log_eta, theta, log_beta, m, grad_w, w, s):
     Memory per head: M(x) = x + W2 g silu(W1 x), g = 1/sqrt(F) (F hidden units: keeps the
     curvature of the loss in W2 O(1)), loss l_t = 1/2 ||M(k_t) - v_t||^2.
     Gradients of every token of the chunk are taken at ``grad_w`` = (W1, W2) of the
-    chunk start (Titans' chunk-parallel form). Momentum and forgetting:
+    chunk start (Titans' chunk-parallel form), each clipped to norm ``MEMORY_GRAD_CLIP``
+    (a per-token factor, so the chunk form still equals the token recurrence). Momentum and
+    forgetting:
         S_t = eta_t S_{t-1} - theta_t grad_t,    W_t = beta_t W_{t-1} + m_t S_t
     (beta = 1 - alpha; m = 0 marks padding slots: no change at all). Unrolled,
     W_t = a_t W_0 + b_t S_0 + sum_s c_ts g_s with C x C coefficient matrices, so the
@@ -486,6 +492,11 @@ def neural_memory_chunk(q, k, v, log_eta, theta, log_beta, m, grad_w, w, s):
     hk = g * F.silu(zk)
     err = k + hk @ gw2.transpose(-1, -2) - v  # dl/dM(k): (B, H, C, D)
     delta = g * (err @ gw2) * _silu_grad(zk)  # (B, H, C, F): g_W1 = delta k^T, g_W2 = err hk^T
+    # clip each token's gradient to MEMORY_GRAD_CLIP: ||g||^2 = |delta|^2 |k|^2 + |err|^2 |hk|^2
+    # (clamped before the root: padding slots have a zero gradient, where sqrt has no derivative)
+    norm = ((delta**2).sum(-1) * (k**2).sum(-1) + (err**2).sum(-1) * (hk**2).sum(-1)).clamp_min(1e-24).sqrt()
+    clip = (MEMORY_GRAD_CLIP / norm).clamp(max=1.0)[..., None]
+    delta, err = delta * clip, err * clip
     # coefficients
     Deta = _lower_decay(log_eta)  # (B, H, C, C)
     Dbeta = _lower_decay(log_beta)
