@@ -41,6 +41,7 @@ setup(
         "test": [
             "pytest>=8", "pytest-xdist>=3", "hypothesis>=6.100", "matplotlib>=3.7", "psutil>=5.9",
             "onnx>=1.17,<1.24", "onnxscript>=0.5,<0.8", "onnxruntime>=1.20,<1.33",
+            "triton>=3.0,<3.10",  # the Triton kernels' tests run on CPU under TRITON_INTERPRET=1
         ],
     },
     entry_points={"console_scripts": ["strata=strata.cli:main"]},
