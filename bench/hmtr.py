@@ -95,9 +95,9 @@ def stage_kwargs(quick: bool) -> dict:
 # ----------------------------------------------------------------------------- sections
 def section_recon(args, out: Path) -> dict:
     res = {"load_before": load()}
-    for K in (4, 8):
+    for K in (int(k) for k in args.recon_blocks.split(",")):
         t = time.monotonic()
-        r = train_hmtr_stage(1, out / f"hmtr-k{K}-stage1", preset=HMTR_PRESET, config_overrides={"block_size": K},
+        r = train_hmtr_stage(1, out / f"hmtr-k{K}-stage1", preset=args.preset, config_overrides={"block_size": K},
                              time_budget_s=args.s1_seconds, **stage_kwargs(args.quick))
         res[f"k{K}"] = dict(accuracy=r.metrics["eval_reconstruction_accuracy"],
                             tokens=r.metrics["eval_reconstruction_tokens"], steps=r.metrics["train_steps"],
@@ -168,7 +168,7 @@ def section_lm(args, out: Path, recon: dict | None) -> dict:
     res["bpc_ratio"] = res["hmtr"]["bpc"] / res["baseline"]["eval_bpc"]
     if args.ablation:
         t = time.monotonic()
-        ra = train_hmtr_stage(3, out / "hmtr-k8-joint", preset=HMTR_PRESET, config_overrides={"block_size": 8},
+        ra = train_hmtr_stage(3, out / "hmtr-k8-joint", preset=args.preset, config_overrides={"block_size": 8},
                               time_budget_s=total, lr=HMTR_LR, **kw)
         res["joint_from_scratch"] = dict(ra.metrics, wall_s=time.monotonic() - t)
         print(f"ablation, joint from scratch: bpc {ra.metrics['eval_bpc']:.4f}, load {load()}", flush=True)
@@ -240,6 +240,8 @@ def main(argv=None) -> int:
     p.add_argument("--out", default=str(ROOT / "bench" / "results" / "hmtr"), help="folder for the trained models")
     p.add_argument("--json", default=str(ROOT / "bench" / "results" / "hmtr.json"))
     p.add_argument("--quick", action="store_true", help="tiny budgets, for a smoke test")
+    p.add_argument("--preset", default=HMTR_PRESET, help=f"H-M-T-R preset (default {HMTR_PRESET}), e.g. small-variational")
+    p.add_argument("--recon-blocks", default="4,8", help="block sizes K of section recon (section lm needs 8)")
     args = p.parse_args(argv)
     if args.quick:
         args.s1_seconds, args.s2_seconds, args.s3_seconds = 5, 3, 5
@@ -249,7 +251,7 @@ def main(argv=None) -> int:
     sections = args.sections.split(",")
     results = json.loads(Path(args.json).read_text()) if Path(args.json).is_file() else {}
     results.update(meta=dict(torch=torch.__version__, threads=torch.get_num_threads(), cpus=os.cpu_count(),
-                             preset=HMTR_PRESET, seq_len=SEQ_LEN, batch_size=BATCH, baseline_lr=BASELINE_LR,
+                             preset=args.preset, seq_len=SEQ_LEN, batch_size=BATCH, baseline_lr=BASELINE_LR,
                              hmtr_lr=HMTR_LR, quick=args.quick,
                              started=time.strftime("%Y-%m-%d %H:%M:%S"), load=load()))
     if "recon" in sections:
