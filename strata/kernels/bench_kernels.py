@@ -9,7 +9,8 @@ Forward + backward (sum of the outputs as the loss), median over ``--repeats``, 
 - selective scan, B=4, D=512 channels (a model of width 256 with expand 2), N=16,
   L=2048, HF Mamba initialisation of A and dt: strata's sequential ``ref``, the
   sequential PyTorch scan that transformers' ``MambaMixer`` falls back to without
-  mamba-ssm (``mamba_selective_scan``), strata's chunked ``torch`` form; on CUDA also
+  mamba-ssm (``mamba_selective_scan``), strata's chunked ``torch`` form, on CPU the
+  compiled C kernel ``cpu`` (where a C compiler builds it); on CUDA also
   strata's ``triton`` form and mamba-ssm's CUDA kernel (when installed);
 - the whole Mamba mixer, B=4, L=2048, width 256, state 16: transformers' ``MambaMixer``
   (its CPU path) against strata's ``MambaMixer`` with the same weights;
@@ -40,6 +41,7 @@ import torch
 import torch.nn.functional as F
 
 from strata.kernels.kernels_conv1d import causal_conv1d
+from strata.kernels.kernels_dispatch import compiled_cpu_scan_available
 from strata.kernels.kernels_dispatch import gpu_form
 from strata.kernels.kernels_dispatch import mamba_ssm_installed
 from strata.kernels.kernels_dispatch import triton_installed
@@ -341,6 +343,9 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
             forms.append(("transformers mamba_selective_scan (HF Mamba's torch path)", hf, True))
         forms.append(("strata selective_scan torch (chunked)",
                       lambda **kw: selective_scan(**kw, backend="torch", chunk_size=cs), False))
+        if not gpu and compiled_cpu_scan_available():
+            forms.append(("strata selective_scan cpu (compiled C)",
+                          lambda **kw: selective_scan(**kw, backend="cpu", chunk_size=cs), False))
         if use_triton:
             forms.append(("strata selective_scan triton",
                           lambda **kw: selective_scan(**kw, backend="triton", chunk_size=cs), False))
@@ -352,6 +357,8 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
                                 args, device, fwd_bytes))
         for other in ("strata selective_scan ref", "transformers mamba_selective_scan", "mamba-ssm"):
             print_ratio(groups[-1], "strata selective_scan torch", other, args.clock)
+        for other in ("strata selective_scan torch", "transformers mamba_selective_scan"):
+            print_ratio(groups[-1], "strata selective_scan cpu", other, args.clock)
         print_ratio(groups[-1], "strata selective_scan triton", "mamba-ssm", args.clock)
 
     if "mixer" in sections:

@@ -7,20 +7,22 @@ Every operation has one dispatching function (``selective_scan``,
 1. the ``backend=`` argument (the model layers pass their config's ``kernel_backend``);
 2. the environment variable ``STRATA_KERNEL_BACKEND`` (``ref`` | ``torch`` | ``triton``
    | ``mamba_ssm``);
-3. the device: ``triton`` for CUDA tensors when triton is installed, else the fast
-   PyTorch form.
+3. the device: ``triton`` for CUDA tensors when triton is installed; on CPU the
+   compiled C scan (``cpu``) for ``selective_scan`` when a C compiler builds it, else
+   the fast PyTorch form.
 
 Each distinct choice is logged once on the ``strata.kernels`` logger. Backends per
 operation (``torch`` names the fast PyTorch form of every operation; the generic
 names of the env var that an operation lacks map to its nearest form, see ALIASES):
 
-    selective_scan           ref | torch | triton | mamba_ssm
+    selective_scan           ref | torch | cpu | triton | mamba_ssm
     selective_state_update   torch | triton | mamba_ssm        (the torch step is the reference)
     causal_conv1d            ref | torch | triton | mamba_ssm  (mamba_ssm = the causal-conv1d package)
     causal_conv1d_update     torch | triton | mamba_ssm
     retention                ref | parallel | chunked | triton (torch = chunked, mamba_ssm = triton)
 
-``triton`` runs on CUDA tensors, or on CPU tensors under ``TRITON_INTERPRET=1`` (the
+``cpu`` is a C kernel compiled on first use (kernels_cpu_scan.py); the other
+operations map it to their PyTorch form. ``triton`` runs on CUDA tensors, or on CPU tensors under ``TRITON_INTERPRET=1`` (the
 Triton interpreter: slow, used by the tests). ``mamba_ssm`` needs CUDA tensors and
 the mamba-ssm / causal-conv1d packages. The GPU forms live in their own modules and
 are imported on first use (``gpu_form``), so nothing here needs triton.
@@ -37,10 +39,10 @@ import torch
 logger = logging.getLogger("strata.kernels")
 
 ENV_VAR = "STRATA_KERNEL_BACKEND"
-ENV_CHOICES = ("ref", "torch", "triton", "mamba_ssm")
+ENV_CHOICES = ("ref", "torch", "cpu", "triton", "mamba_ssm")
 
 BACKENDS = {
-    "selective_scan": ("ref", "torch", "triton", "mamba_ssm"),
+    "selective_scan": ("ref", "torch", "cpu", "triton", "mamba_ssm"),
     "selective_state_update": ("torch", "triton", "mamba_ssm"),
     "causal_conv1d": ("ref", "torch", "triton", "mamba_ssm"),
     "causal_conv1d_update": ("torch", "triton", "mamba_ssm"),
@@ -49,10 +51,10 @@ BACKENDS = {
 # Names accepted in place of a backend name (the generic names of the env var and config).
 ALIASES = {
     "selective_scan": {"chunked": "torch"},
-    "selective_state_update": {"ref": "torch"},
-    "causal_conv1d": {},
-    "causal_conv1d_update": {"ref": "torch"},
-    "retention": {"torch": "chunked", "mamba_ssm": "triton"},
+    "selective_state_update": {"ref": "torch", "cpu": "torch"},
+    "causal_conv1d": {"cpu": "torch"},
+    "causal_conv1d_update": {"ref": "torch", "cpu": "torch"},
+    "retention": {"torch": "chunked", "cpu": "chunked", "mamba_ssm": "triton"},
 }
 # The fast PyTorch form of each operation (the default off CUDA).
 _TORCH_FORM = {"retention": "chunked"}
@@ -72,9 +74,19 @@ def triton_interpreted() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
+def compiled_cpu_scan_available() -> bool:
+    """Whether the compiled C selective scan builds and loads here (built on the first call)."""
+    from strata.kernels.kernels_cpu_scan import available
+
+    return available()
+
+
 def _default_backend(op: str, device: torch.device | None) -> str:
-    if device is not None and torch.device(device).type == "cuda" and triton_installed():
+    kind = torch.device(device).type if device is not None else None
+    if kind == "cuda" and triton_installed():
         return "triton"
+    if kind == "cpu" and op == "selective_scan" and compiled_cpu_scan_available():
+        return "cpu"
     return _TORCH_FORM.get(op, "torch")
 
 
@@ -119,6 +131,9 @@ def resolve_backend(op: str, backend: str | None = None, device: torch.device | 
         raise ValueError(f"{op}: unknown backend {backend!r}; expected one of {BACKENDS[op]}")
     if name == "triton":
         require_triton(op, device)
+    elif name == "cpu" and not compiled_cpu_scan_available():
+        raise RuntimeError(f"{op}: the 'cpu' kernel backend could not be compiled here (no working C compiler "
+                           "with OpenMP, see the warning logged); use the 'torch' backend")
     elif name == "mamba_ssm":
         require_mamba_ssm(op, device)
     key = (op, name, source)

@@ -273,12 +273,19 @@ def selective_scan_chunked(
     initial_state=None, return_final_state=False, chunk_size=64,
 ):
     """Chunked selective scan (see the module docstring); same contract as the reference."""
-    op = "selective_scan_chunked"
+    x, dt, A, B, C, h0 = scan_prologue(
+        "selective_scan_chunked", u, delta, A, B, C, D, z, delta_bias, delta_softplus, initial_state, chunk_size
+    )
+    y, h = _ChunkedScan.apply(dt * x, dt, A, B, C, h0, chunk_size)
+    return scan_epilogue(y, h, x, u, D, z, return_final_state)
+
+
+def scan_prologue(op, u, delta, A, B, C, D, z, delta_bias, delta_softplus, initial_state, chunk_size):
+    """Checks, then (x, dt, A, B, C, h0) in the compute dtype, dt = softplus(delta + bias)."""
     _check_scan_args(op, u, delta, A, B, C, D, z, delta_bias, initial_state)
     check_chunk_size(op, chunk_size)
     ct = compute_dtype(u, delta, A, B, C, initial_state)
-    batch, dim, length = u.shape
-    x = u.to(ct)
+    batch, dim, _ = u.shape
     dt = delta.to(ct)
     if delta_bias is not None:
         dt = dt + delta_bias.to(ct)[:, None]
@@ -288,12 +295,15 @@ def selective_scan_chunked(
         h0 = torch.zeros(batch, dim, A.shape[1], dtype=ct, device=u.device)
     else:
         h0 = initial_state.to(ct)
-    y, h = _ChunkedScan.apply(dt * x, dt, A.to(ct), B.to(ct), C.to(ct), h0, chunk_size)
+    return u.to(ct), dt, A.to(ct), B.to(ct), C.to(ct), h0
 
+
+def scan_epilogue(y, h, x, u, D, z, return_final_state):
+    """The D skip and the gate on the scan's output y; y back in u's dtype."""
     if D is not None:
-        y = y + D.to(ct)[:, None] * x
+        y = y + D.to(y.dtype)[:, None] * x
     if z is not None:
-        y = y * F.silu(z.to(ct))
+        y = y * F.silu(z.to(y.dtype))
     y = y.to(u.dtype)
     return (y, h) if return_final_state else y
 
@@ -347,16 +357,20 @@ def selective_scan(
 ):
     """Selective scan with the backend chosen by ``backend``, $STRATA_KERNEL_BACKEND or default.
 
-    backend: "ref" (sequential) | "torch" (chunked, default on CPU) | "triton" (default on
-    CUDA) | "mamba_ssm". ``chunk_size`` is the chunk length of the chunked form and the
-    checkpoint interval of the Triton form.
+    backend: "ref" (sequential) | "torch" (chunked) | "cpu" (the compiled C kernel of
+    kernels_cpu_scan.py, default on CPU where it builds) | "triton" (default on CUDA) |
+    "mamba_ssm". ``chunk_size`` is the chunk length of the chunked form and the
+    checkpoint interval of the C and Triton forms.
     """
     name = resolve_backend("selective_scan", backend, u.device if isinstance(u, torch.Tensor) else None)
     kwargs = dict(
         D=D, z=z, delta_bias=delta_bias, delta_softplus=delta_softplus,
         initial_state=initial_state, return_final_state=return_final_state,
     )
-    if name in ("torch", "triton"):
+    if name in ("torch", "cpu", "triton"):
         kwargs["chunk_size"] = chunk_size
-    form = _FORMS[name] if name in _FORMS else gpu_form("selective_scan", name)
+    if name == "cpu":
+        from strata.kernels.kernels_cpu_scan import selective_scan_cpu as form
+    else:
+        form = _FORMS[name] if name in _FORMS else gpu_form("selective_scan", name)
     return form(u, delta, A, B, C, **kwargs)
