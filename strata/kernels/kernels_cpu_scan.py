@@ -12,7 +12,7 @@ each step is a handful of vector instructions, and the only memory traffic is th
 inputs and outputs. The backward pass walks the positions in reverse, recomputing each
 chunk of ``T`` positions from the state saved at its start (memory O(B D N L / T)),
 with the adjoint state ``gh`` in registers; the gradients of B and C (sums over the
-channels) go to per-thread partial buffers that PyTorch reduces afterwards.
+channels) go to one partial buffer per work item, which PyTorch reduces afterwards.
 
 It is written in C, compiled on first use with the system C compiler
 (``cc -O3 -march=native -ffast-math -fopenmp``; about a second, cached under
@@ -248,11 +248,11 @@ def available() -> bool:
     return bool(_load())
 
 
+_SUFFIX = {torch.float32: "f32", torch.float64: "f64"}
+
+
 def _function(name: str, dtype: torch.dtype):
     return getattr(_load(), f"{name}_{_SUFFIX[dtype]}")
-
-
-_SUFFIX = {torch.float32: "f32", torch.float64: "f64"}
 
 
 def _ptr(t: torch.Tensor | None):
