@@ -173,3 +173,18 @@ except RuntimeError as err:
     assert out.returncode == 0, out.stderr
     assert "compiled CPU kernel is unavailable" in out.stderr
     assert "refused: selective_scan: the 'cpu' kernel backend could not be compiled here" in out.stdout
+
+
+def test_bench_kernels_times_the_compiled_scan(tmp_path):
+    import json
+
+    from strata.cli import main
+
+    out = tmp_path / "kernels.json"
+    assert main(["bench", "kernels", "--quick", "--sections", "scan,mixer", "--no-hf", "--repeats", "1",
+                 "--device", "cpu", "--json", str(out)]) == 0
+    (group,) = json.loads(out.read_text())["groups"]  # --no-hf leaves out the mixer comparison
+    assert [r["form"] for r in group["rows"]] == ["strata selective_scan ref (sequential)",
+                                                  "strata selective_scan torch (chunked)",
+                                                  "strata selective_scan cpu (compiled C)"]
+    assert "strata selective_scan cpu vs strata selective_scan torch" in group["ratios"]

@@ -309,6 +309,8 @@ def build_parser(prog=None) -> argparse.ArgumentParser:
                         help="dtype of the activations on CUDA (CPU runs are fp32)")
     parser.add_argument("--sections", default="scan,mixer,conv,retention",
                         help="comma-separated subset of scan, mixer, conv, retention")
+    parser.add_argument("--no-hf", action="store_true",
+                        help="leave out transformers' sequential scan and mixer (minutes of CPU each at full size)")
     parser.add_argument("--json", default=None, metavar="PATH", help="write the results and the machine here")
     return parser
 
@@ -338,7 +340,7 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
     if "scan" in sections:
         b, d, n, length = (2, 64, 16, 256) if args.quick else (4, 512, 16, 2048)
         forms = [("strata selective_scan ref (sequential)", lambda **kw: selective_scan(**kw, backend="ref"), True)]
-        hf = hf_mamba_scan()
+        hf = None if args.no_hf else hf_mamba_scan()
         if hf is not None:
             forms.append(("transformers mamba_selective_scan (HF Mamba's torch path)", hf, True))
         forms.append(("strata selective_scan torch (chunked)",
@@ -361,7 +363,7 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
             print_ratio(groups[-1], "strata selective_scan cpu", other, args.clock)
         print_ratio(groups[-1], "strata selective_scan triton", "mamba-ssm", args.clock)
 
-    if "mixer" in sections:
+    if "mixer" in sections and not args.no_hf:
         b, width, state, length = (2, 64, 16, 256) if args.quick else (4, 256, 16, 2048)
         pair = mixers(width, state, device, dtype)
         if pair is not None:
