@@ -15,7 +15,10 @@ average is recorded before and after every section):
   AdamW, warmup then cosine over the time budget, peak lr: see BASELINE_LR / HMTR_LR) and are evaluated with the
   exact next-token loss on the same validation windows (bits per character). With
   ``--ablation`` H-M-T-R is also trained jointly from scratch for the same total time
-  (no curriculum).
+  (no curriculum). ``--baseline-depths 5,9`` trains one baseline per depth instead and
+  compares with the best of them.
+- ``baselines``: only the baselines of ``--baseline-depths``, for the curriculum of the
+  ``lm`` results already in ``--json`` (same budget, same H-M-T-R model in ``--out``).
 - ``generate``: greedy decoding after a 2048-token prompt (the start of the validation
   text): decode tokens/s (time of ``generate(n + 1)`` minus ``generate(1)``, best of 2) and
   prefill time, for the trained K = 8 model, the K = 4 stage-1 model and the baseline; the
@@ -31,6 +34,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -72,10 +76,10 @@ def num_parameters(model) -> int:
     return sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
 
 
-def baseline_config(vocab: int, target: int):
-    """strata's Transformer (width 256, 4 heads) whose depth and MLP width come closest to ``target``."""
+def baseline_config(vocab: int, target: int, depths=range(2, 13)):
+    """strata's Transformer (width 256, 4 heads) whose depth (among ``depths``) and MLP width come closest to ``target``."""
     best = None
-    for layers in range(2, 13):
+    for layers in depths:
         for inter in range(256, 1537, 64):
             cfg = strata.RetMambaConfig.from_preset("transformer-small", vocab_size=vocab, layer_pattern="A", num_hidden_layers=layers,
                                                     intermediate_size=inter, pad_token_id=0, bos_token_id=1,
@@ -109,11 +113,11 @@ def section_recon(args, out: Path) -> dict:
     return res
 
 
-def train_baseline(args, tok, data, target_params: int, seconds: float, out: Path) -> dict:
-    cfg = baseline_config(len(tok), target_params)
+def train_baseline(args, tok, data, target_params: int, seconds: float, out: Path, depths=range(2, 13)) -> dict:
+    cfg = baseline_config(len(tok), target_params, depths)
     torch.manual_seed(0)
     model = strata.RetMambaForCausalLM(cfg)
-    targs = TrainingArguments(output_dir=str(out / "baseline-checkpoints"), max_steps=100_000,
+    targs = TrainingArguments(output_dir=str(out.parent / "baseline-checkpoints"), max_steps=100_000,
                               per_device_train_batch_size=BATCH, learning_rate=BASELINE_LR, warmup_steps=20, adam_beta2=0.99,
                               max_grad_norm=1.0, logging_steps=20, save_strategy="no", report_to="none", use_cpu=True,
                               disable_tqdm=True, seed=0, remove_unused_columns=False)
@@ -126,7 +130,7 @@ def train_baseline(args, tok, data, target_params: int, seconds: float, out: Pat
     output = trainer.train()
     wall = time.monotonic() - t
     model.eval()
-    model.save_pretrained(out / "baseline")
+    model.save_pretrained(out)
     metrics = lm_metrics(model, data.validation, data.tokens_per_char,
                          max_windows=64 if args.quick else None)
     return dict(metrics, steps=int(trainer.state.global_step), train_s=float(output.metrics["train_runtime"]),
@@ -160,11 +164,7 @@ def section_lm(args, out: Path, recon: dict | None) -> dict:
     print(f"stage 3: bpc {r3.metrics['eval_bpc']:.4f} after {r3.metrics['train_steps']} steps; curriculum total "
           f"{total:.0f} s, load {load()}", flush=True)
 
-    model, tok, _ = load_stage_folder(out / "hmtr-k8-stage3")
-    data = prepare_hmtr_data(tok, "tinyshakespeare", seq_len=SEQ_LEN, block_size=8, seed=0)
-    res["baseline"] = train_baseline(args, tok, data, num_parameters(model), total, out)
-    print(f"baseline: bpc {res['baseline']['eval_bpc']:.4f} after {res['baseline']['steps']} steps "
-          f"({res['baseline']['parameters']:,} parameters), load {load()}", flush=True)
+    res.update(train_baselines(args, out, total))
     res["bpc_ratio"] = res["hmtr"]["bpc"] / res["baseline"]["eval_bpc"]
     if args.ablation:
         t = time.monotonic()
@@ -172,6 +172,39 @@ def section_lm(args, out: Path, recon: dict | None) -> dict:
                               time_budget_s=total, lr=HMTR_LR, **kw)
         res["joint_from_scratch"] = dict(ra.metrics, wall_s=time.monotonic() - t)
         print(f"ablation, joint from scratch: bpc {ra.metrics['eval_bpc']:.4f}, load {load()}", flush=True)
+    res["load_after"] = load()
+    return res
+
+
+def train_baselines(args, out: Path, seconds: float) -> dict:
+    """The baseline(s) for ``seconds``: the closest parameter count overall, or at each of ``--baseline-depths``.
+
+    Returns {"baselines": {depth: metrics}, "baseline": the one with the lowest validation bpc}.
+    """
+    model, tok, _ = load_stage_folder(out / "hmtr-k8-stage3")
+    data = prepare_hmtr_data(tok, "tinyshakespeare", seq_len=SEQ_LEN, block_size=8, seed=0)
+    depth_sets = [[d] for d in args.baseline_depths] if args.baseline_depths else [range(2, 13)]
+    runs = {}
+    for depths in depth_sets:
+        r = train_baseline(args, tok, data, num_parameters(model), seconds, out / "baseline", depths)
+        if len(depth_sets) > 1:  # keep each; the folder `baseline` ends up holding the best
+            shutil.rmtree(out / f"baseline-{r['layers']}l", ignore_errors=True)
+            os.replace(out / "baseline", out / f"baseline-{r['layers']}l")
+        runs[r["layers"]] = r
+        print(f"baseline ({r['layers']} layers, MLP {r['intermediate_size']}): bpc {r['eval_bpc']:.4f} after "
+              f"{r['steps']} steps ({r['parameters']:,} parameters), load {load()}", flush=True)
+    best = min(runs, key=lambda k: runs[k]["eval_bpc"])
+    if len(depth_sets) > 1:
+        shutil.copytree(out / f"baseline-{best}l", out / "baseline", dirs_exist_ok=True)
+    return {"baselines": runs, "baseline": runs[best]}
+
+
+def section_baselines(args, out: Path, lm: dict | None) -> dict:
+    """More baselines for the curriculum of an earlier ``lm`` section (same budget), against its H-M-T-R."""
+    if not lm or "hmtr" not in lm:
+        raise SystemExit("section baselines needs the results of section lm in --json")
+    res = dict(load_before=load(), **train_baselines(args, out, lm["hmtr"]["total_s"]))
+    res["bpc_ratio"] = lm["hmtr"]["bpc"] / res["baseline"]["eval_bpc"]
     res["load_after"] = load()
     return res
 
@@ -242,6 +275,9 @@ def main(argv=None) -> int:
     p.add_argument("--quick", action="store_true", help="tiny budgets, for a smoke test")
     p.add_argument("--preset", default=HMTR_PRESET, help=f"H-M-T-R preset (default {HMTR_PRESET}), e.g. small-variational")
     p.add_argument("--recon-blocks", default="4,8", help="block sizes K of section recon (section lm needs 8)")
+    p.add_argument("--baseline-depths", type=lambda v: [int(x) for x in v.split(",")], default=None,
+                   help="train one baseline per depth (e.g. 5,9; MLP width for the closest parameter count) and "
+                        "compare with the best; default: the closest parameter count over depths 2-12")
     args = p.parse_args(argv)
     if args.quick:
         args.s1_seconds, args.s2_seconds, args.s3_seconds = 5, 3, 5
@@ -259,6 +295,9 @@ def main(argv=None) -> int:
         Path(args.json).write_text(json.dumps(results, indent=2))
     if "lm" in sections:
         results["lm"] = section_lm(args, out, results.get("recon"))
+        Path(args.json).write_text(json.dumps(results, indent=2))
+    if "baselines" in sections:
+        results["baselines"] = section_baselines(args, out, results.get("lm"))
         Path(args.json).write_text(json.dumps(results, indent=2))
     if "generate" in sections:
         results["generate"] = section_generate(args, out)
