@@ -80,7 +80,7 @@ def baseline_config(vocab: int, target: int, depths=range(2, 13)):
     """strata's Transformer (width 256, 4 heads) whose depth (among ``depths``) and MLP width come closest to ``target``."""
     best = None
     for layers in depths:
-        for inter in range(256, 1537, 64):
+        for inter in range(256, 2049, 64):
             cfg = strata.RetMambaConfig.from_preset("transformer-small", vocab_size=vocab, layer_pattern="A", num_hidden_layers=layers,
                                                     intermediate_size=inter, pad_token_id=0, bos_token_id=1,
                                                     eos_token_id=2, block_size=8)
@@ -101,7 +101,7 @@ def section_recon(args, out: Path) -> dict:
     res = {"load_before": load()}
     for K in (int(k) for k in args.recon_blocks.split(",")):
         t = time.monotonic()
-        r = train_hmtr_stage(1, out / f"hmtr-k{K}-stage1", preset=args.preset, config_overrides={"block_size": K},
+        r = train_hmtr_stage(1, out / f"hmtr-k{K}-stage1", preset=args.preset, config_overrides={**args.set, "block_size": K},
                              time_budget_s=args.s1_seconds, **stage_kwargs(args.quick))
         res[f"k{K}"] = dict(accuracy=r.metrics["eval_reconstruction_accuracy"],
                             tokens=r.metrics["eval_reconstruction_tokens"], steps=r.metrics["train_steps"],
@@ -164,11 +164,12 @@ def section_lm(args, out: Path, recon: dict | None) -> dict:
     print(f"stage 3: bpc {r3.metrics['eval_bpc']:.4f} after {r3.metrics['train_steps']} steps; curriculum total "
           f"{total:.0f} s, load {load()}", flush=True)
 
-    res.update(train_baselines(args, out, total))
-    res["bpc_ratio"] = res["hmtr"]["bpc"] / res["baseline"]["eval_bpc"]
+    if not args.no_baseline:
+        res.update(train_baselines(args, out, total))
+        res["bpc_ratio"] = res["hmtr"]["bpc"] / res["baseline"]["eval_bpc"]
     if args.ablation:
         t = time.monotonic()
-        ra = train_hmtr_stage(3, out / "hmtr-k8-joint", preset=args.preset, config_overrides={"block_size": 8},
+        ra = train_hmtr_stage(3, out / "hmtr-k8-joint", preset=args.preset, config_overrides={**args.set, "block_size": 8},
                               time_budget_s=total, lr=HMTR_LR, **kw)
         res["joint_from_scratch"] = dict(ra.metrics, wall_s=time.monotonic() - t)
         print(f"ablation, joint from scratch: bpc {ra.metrics['eval_bpc']:.4f}, load {load()}", flush=True)
@@ -263,6 +264,16 @@ def section_generate(args, out: Path) -> dict:
     return res
 
 
+def _field(item: str) -> tuple[str, object]:
+    name, sep, value = item.partition("=")
+    if not sep:
+        raise SystemExit(f"--set {item!r}: expected FIELD=VALUE")
+    try:
+        return name, json.loads(value)
+    except json.JSONDecodeError:
+        return name, value  # a bare string
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--sections", default="recon,lm,generate")
@@ -275,10 +286,15 @@ def main(argv=None) -> int:
     p.add_argument("--quick", action="store_true", help="tiny budgets, for a smoke test")
     p.add_argument("--preset", default=HMTR_PRESET, help=f"H-M-T-R preset (default {HMTR_PRESET}), e.g. small-variational")
     p.add_argument("--recon-blocks", default="4,8", help="block sizes K of section recon (section lm needs 8)")
+    p.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
+                   help="override a field of the H-M-T-R preset (JSON value), e.g. --set decoder_layers=2")
+    p.add_argument("--no-baseline", action="store_true",
+                   help="section lm trains H-M-T-R only (compare with baselines of an earlier run: section baselines)")
     p.add_argument("--baseline-depths", type=lambda v: [int(x) for x in v.split(",")], default=None,
                    help="train one baseline per depth (e.g. 5,9; MLP width for the closest parameter count) and "
                         "compare with the best; default: the closest parameter count over depths 2-12")
     args = p.parse_args(argv)
+    args.set = dict(_field(item) for item in args.set)
     if args.quick:
         args.s1_seconds, args.s2_seconds, args.s3_seconds = 5, 3, 5
     torch.set_num_threads(1)
@@ -287,7 +303,7 @@ def main(argv=None) -> int:
     sections = args.sections.split(",")
     results = json.loads(Path(args.json).read_text()) if Path(args.json).is_file() else {}
     results.update(meta=dict(torch=torch.__version__, threads=torch.get_num_threads(), cpus=os.cpu_count(),
-                             preset=args.preset, seq_len=SEQ_LEN, batch_size=BATCH, baseline_lr=BASELINE_LR,
+                             preset=args.preset, overrides=args.set, seq_len=SEQ_LEN, batch_size=BATCH, baseline_lr=BASELINE_LR,
                              hmtr_lr=HMTR_LR, quick=args.quick,
                              started=time.strftime("%Y-%m-%d %H:%M:%S"), load=load()))
     if "recon" in sections:
