@@ -5,8 +5,8 @@ Every operation has one dispatching function (``selective_scan``,
 ``retention``) with a ``backend=`` argument. The backend is chosen, in this order:
 
 1. the ``backend=`` argument (the model layers pass their config's ``kernel_backend``);
-2. the environment variable ``STRATA_KERNEL_BACKEND`` (``ref`` | ``torch`` | ``triton``
-   | ``mamba_ssm``);
+2. the environment variable ``STRATA_KERNEL_BACKEND`` (``ref`` | ``torch`` | ``cpu`` |
+   ``triton`` | ``mamba_ssm``);
 3. the device: ``triton`` for CUDA tensors when triton is installed; on CPU the
    compiled C scan (``cpu``) for ``selective_scan`` when a C compiler builds it, else
    the fast PyTorch form.
@@ -22,8 +22,8 @@ names of the env var that an operation lacks map to its nearest form, see ALIASE
     retention                ref | parallel | chunked | triton (torch = chunked, mamba_ssm = triton)
 
 ``cpu`` is a C kernel compiled on first use (kernels_cpu_scan.py); the other
-operations map it to their PyTorch form. ``triton`` runs on CUDA tensors, or on CPU tensors under ``TRITON_INTERPRET=1`` (the
-Triton interpreter: slow, used by the tests). ``mamba_ssm`` needs CUDA tensors and
+operations map it to their PyTorch form. ``triton`` runs on CUDA tensors, or on CPU
+tensors under ``TRITON_INTERPRET=1`` (the Triton interpreter: slow, used by the tests). ``mamba_ssm`` needs CUDA tensors and
 the mamba-ssm / causal-conv1d packages. The GPU forms live in their own modules and
 are imported on first use (``gpu_form``), so nothing here needs triton.
 """
