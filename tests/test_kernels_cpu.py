@@ -130,11 +130,11 @@ def test_cpu_scan_gradcheck():
     assert torch.autograd.gradcheck(fn, tuple(ins[k] for k in names))
 
 
-def test_dispatch_default_on_cpu_is_the_compiled_scan(monkeypatch):
+def test_dispatch_runs_the_compiled_scan_when_asked(monkeypatch):
     monkeypatch.delenv(kernels_dispatch.ENV_VAR, raising=False)
     cpu = torch.device("cpu")
-    assert kernels_dispatch.resolve_backend("selective_scan", device=cpu) == "cpu"
-    assert kernels_dispatch.resolve_backend("selective_scan", "torch", device=cpu) == "torch"
+    assert kernels_dispatch.resolve_backend("selective_scan", device=cpu) == "torch"  # opt-in (docs/kernels.md)
+    assert kernels_dispatch.resolve_backend("selective_scan", "cpu", device=cpu) == "cpu"
     monkeypatch.setenv(kernels_dispatch.ENV_VAR, "cpu")  # every other op maps it to its PyTorch form
     assert kernels_dispatch.resolve_backend("selective_scan", device=cpu) == "cpu"
     assert kernels_dispatch.resolve_backend("retention", device=cpu) == "chunked"
@@ -158,9 +158,9 @@ import logging, torch
 from strata.kernels import kernels_dispatch
 from strata.kernels.kernels_selective_scan import selective_scan, selective_scan_chunked
 logging.basicConfig(level=logging.WARNING)
-assert kernels_dispatch.resolve_backend("selective_scan", device=torch.device("cpu")) == "torch"
 u = torch.randn(1, 4, 9)
 args = (u, torch.randn(1, 4, 9), -torch.rand(4, 3), torch.randn(1, 3, 9), torch.randn(1, 3, 9))
+assert not kernels_dispatch.compiled_cpu_scan_available()
 assert torch.equal(selective_scan(*args), selective_scan_chunked(*args))
 try:
     selective_scan(*args, backend="cpu")
@@ -188,3 +188,19 @@ def test_bench_kernels_times_the_compiled_scan(tmp_path):
                                                   "strata selective_scan torch (chunked)",
                                                   "strata selective_scan cpu (compiled C)"]
     assert "strata selective_scan cpu vs strata selective_scan torch" in group["ratios"]
+
+
+def test_a_model_with_kernel_backend_cpu_matches_the_default():
+    from strata import RetMambaConfig, RetMambaForCausalLM
+
+    ids = torch.randint(4, 200, (2, 40), generator=torch.Generator().manual_seed(0))
+    outputs = {}
+    for backend in (None, "cpu"):
+        torch.manual_seed(0)
+        model = RetMambaForCausalLM(RetMambaConfig.from_preset("tiny", layer_pattern="MF", kernel_backend=backend))
+        out = model(input_ids=ids, labels=ids)
+        out.loss.backward()
+        outputs[backend] = (out.logits.detach(), {n: p.grad for n, p in model.named_parameters()})
+    assert_close(outputs["cpu"][0], outputs[None][0], 1e-4, what="logits")
+    for name, grad in outputs[None][1].items():
+        assert_close(outputs["cpu"][1][name], grad, 1e-4, rel_rms=1e-3, what=name)

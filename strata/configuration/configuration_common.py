@@ -47,7 +47,7 @@ class StrataConfigMixin:
 
     PRESETS: dict[str, dict[str, Any]] = {}
     # ``kernel_backend`` of the configs whose layers run strata.kernels: None lets the
-    # kernels choose (triton on CUDA, the compiled C scan / torch on CPU, $STRATA_KERNEL_BACKEND first).
+    # kernels choose (triton on CUDA, torch on CPU, $STRATA_KERNEL_BACKEND first).
     KERNEL_BACKENDS = (None, "ref", "torch", "cpu", "triton", "mamba_ssm")
 
     @staticmethod

@@ -76,9 +76,9 @@ class RetMambaConfig(StrataConfigMixin, PretrainedConfig):
         fusion: ``"gate"`` or ``"selective_decay"`` (see the module docstring).
         fusion_gate: when False, the two branches of ``F`` are summed (ablation).
         block_size: K, the number of tokens the generation loop emits per block.
-        kernel_backend: ``None`` (automatic: triton on CUDA; on CPU the compiled C scan where
-            a C compiler builds it, else torch), ``"ref"``, ``"torch"``, ``"cpu"``, ``"triton"`` or
-            ``"mamba_ssm"`` (docs/kernels.md).
+        kernel_backend: ``None`` (automatic: triton on CUDA, torch on CPU), ``"ref"``, ``"torch"``,
+            ``"cpu"`` (the compiled C scan, the fastest on CPU), ``"triton"`` or ``"mamba_ssm"``
+            (docs/kernels.md).
     """
 
     model_type = "retmamba"

@@ -15,12 +15,12 @@ with the adjoint state ``gh`` in registers; the gradients of B and C (sums over 
 channels) go to one partial buffer per work item, which PyTorch reduces afterwards.
 
 It is written in C, compiled on first use with the system C compiler
-(``cc -O3 -march=native -ffast-math -fopenmp``; about a second, cached under
+(``cc -O3 -march=native -ffast-math -fopenmp``, linked without fast-math; about a second, cached under
 ``$STRATA_CACHE`` or ``~/.cache/strata``) and called through ctypes: no PyTorch
 headers, so no C++ build of minutes and no ABI coupling to the installed torch. The
-source lives in this module so that a saved model's code bundle carries it. Where no
-compiler works, ``available()`` is False and the dispatcher falls back to the chunked
-PyTorch form. The tests hold values and gradients to ``selective_scan_ref``.
+source lives in this module so that a saved model's code bundle carries it. It is opt-in
+(``kernel_backend="cpu"``; docs/kernels.md says why it is not the default). Where no
+compiler works, ``available()`` is False and asking for it is an error. The tests hold values and gradients to ``selective_scan_ref``.
 
 Same contract as ``selective_scan_chunked``: fp32 arithmetic, fp64 when an input is fp64
 (the source is instantiated for both).
@@ -181,7 +181,10 @@ _SOURCE = "\n".join([
     "#define real double", "#define EXP exp", "#define FN(name) name##_f64", _BODY,
 ])
 
-_FLAGS = ["-O3", "-march=native", "-ffast-math", "-fopenmp", "-fPIC", "-shared"]
+# -ffast-math only when compiling: linking with it (gcc < 13) adds crtfastmath.o, whose
+# constructor sets flush-to-zero / denormals-are-zero for the whole process on load.
+_FLAGS = ["-O3", "-march=native", "-ffast-math", "-fopenmp", "-fPIC"]
+_LINK_FLAGS = ["-shared", "-fopenmp"]
 _lock = threading.Lock()
 _library = None  # the loaded ctypes library, or False once building it failed
 
@@ -207,7 +210,8 @@ def _build() -> Path:
     """Compile the source (once per source, flags, compiler and CPU); return the library path."""
     cc = _compiler()
     version = subprocess.run([cc, "--version"], capture_output=True, text=True, check=True).stdout
-    key = hashlib.sha256("\0".join([_SOURCE, " ".join(_FLAGS), version, _cpu_signature()]).encode()).hexdigest()[:16]
+    key = hashlib.sha256("\0".join([_SOURCE, " ".join(_FLAGS + _LINK_FLAGS), version, _cpu_signature()]).encode())
+    key = key.hexdigest()[:16]
     target = _cache_dir() / f"selective_scan_cpu_{key}.so"
     if target.is_file():
         return target
@@ -215,8 +219,9 @@ def _build() -> Path:
     with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
         source = Path(tmp) / "selective_scan_cpu.c"
         source.write_text(_SOURCE, encoding="utf-8")
-        built = Path(tmp) / target.name
-        subprocess.run([cc, *_FLAGS, str(source), "-o", str(built), "-lm"], capture_output=True, text=True, check=True)
+        built, obj = Path(tmp) / target.name, Path(tmp) / "selective_scan_cpu.o"
+        subprocess.run([cc, *_FLAGS, "-c", str(source), "-o", str(obj)], capture_output=True, text=True, check=True)
+        subprocess.run([cc, *_LINK_FLAGS, str(obj), "-o", str(built), "-lm"], capture_output=True, text=True, check=True)
         os.replace(built, target)  # atomic: concurrent builders (pytest-xdist) race harmlessly
     return target
 
@@ -230,7 +235,7 @@ def _load():
             except (OSError, subprocess.CalledProcessError, FileNotFoundError) as err:
                 detail = getattr(err, "stderr", "") or err
                 logger.warning("selective_scan: the compiled CPU kernel is unavailable (%s); "
-                               "using the chunked PyTorch form", str(detail).strip()[:500])
+                               "use the chunked PyTorch form ('torch')", str(detail).strip()[:500])
                 _library = False
             else:
                 i64, ptr, cint = ctypes.c_int64, ctypes.c_void_p, ctypes.c_int

@@ -7,9 +7,10 @@ Every operation has one dispatching function (``selective_scan``,
 1. the ``backend=`` argument (the model layers pass their config's ``kernel_backend``);
 2. the environment variable ``STRATA_KERNEL_BACKEND`` (``ref`` | ``torch`` | ``cpu`` |
    ``triton`` | ``mamba_ssm``);
-3. the device: ``triton`` for CUDA tensors when triton is installed; on CPU the
-   compiled C scan (``cpu``) for ``selective_scan`` when a C compiler builds it, else
-   the fast PyTorch form.
+3. the device: ``triton`` for CUDA tensors when triton is installed, else the fast
+   PyTorch form. The compiled C scan (``cpu``) is opt-in: in 2-process torchrun runs it
+   made a rank abort at exit ("terminate called without an active exception") in about
+   one run of three, not yet explained (docs/kernels.md).
 
 Each distinct choice is logged once on the ``strata.kernels`` logger. Backends per
 operation (``torch`` names the fast PyTorch form of every operation; the generic
@@ -85,8 +86,6 @@ def _default_backend(op: str, device: torch.device | None) -> str:
     kind = torch.device(device).type if device is not None else None
     if kind == "cuda" and triton_installed():
         return "triton"
-    if kind == "cpu" and op == "selective_scan" and compiled_cpu_scan_available():
-        return "cpu"
     return _TORCH_FORM.get(op, "torch")
 
 

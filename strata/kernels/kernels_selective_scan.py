@@ -357,8 +357,8 @@ def selective_scan(
 ):
     """Selective scan with the backend chosen by ``backend``, $STRATA_KERNEL_BACKEND or default.
 
-    backend: "ref" (sequential) | "torch" (chunked) | "cpu" (the compiled C kernel of
-    kernels_cpu_scan.py, default on CPU where it builds) | "triton" (default on CUDA) |
+    backend: "ref" (sequential) | "torch" (chunked, default on CPU) | "cpu" (the compiled C
+    kernel of kernels_cpu_scan.py, opt-in) | "triton" (default on CUDA) |
     "mamba_ssm". ``chunk_size`` is the chunk length of the chunked form and the
     checkpoint interval of the C and Triton forms.
     """
