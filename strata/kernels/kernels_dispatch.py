@@ -9,8 +9,8 @@ Every operation has one dispatching function (``selective_scan``,
    ``triton`` | ``mamba_ssm``);
 3. the device: ``triton`` for CUDA tensors when triton is installed, else the fast
    PyTorch form. The compiled C scan (``cpu``) is opt-in: in 2-process torchrun runs it
-   made a rank abort at exit ("terminate called without an active exception") in about
-   one run of three, not yet explained (docs/kernels.md).
+   made a rank abort at exit ("terminate called without an active exception") now and
+   then, not yet explained (docs/kernels.md).
 
 Each distinct choice is logged once on the ``strata.kernels`` logger. Backends per
 operation (``torch`` names the fast PyTorch form of every operation; the generic
