@@ -66,6 +66,7 @@ SEQ_LEN, BATCH = 128, 16
 BASELINE_LR, HMTR_LR = 1e-3, 3e-3
 HMTR_PRESET = "small"
 PROMPT, NEW_TOKENS = 2048, 256
+BASELINE_DEPTHS = range(2, 13)  # the baseline's depth is searched here unless --baseline-depths says
 
 
 def load() -> list[float]:
@@ -76,7 +77,7 @@ def num_parameters(model) -> int:
     return sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
 
 
-def baseline_config(vocab: int, target: int, depths=range(2, 13)):
+def baseline_config(vocab: int, target: int, depths=BASELINE_DEPTHS):
     """strata's Transformer (width 256, 4 heads) whose depth (among ``depths``) and MLP width come closest to ``target``."""
     best = None
     for layers in depths:
@@ -113,7 +114,7 @@ def section_recon(args, out: Path) -> dict:
     return res
 
 
-def train_baseline(args, tok, data, target_params: int, seconds: float, out: Path, depths=range(2, 13)) -> dict:
+def train_baseline(args, tok, data, target_params: int, seconds: float, out: Path, depths=BASELINE_DEPTHS) -> dict:
     cfg = baseline_config(len(tok), target_params, depths)
     torch.manual_seed(0)
     model = strata.RetMambaForCausalLM(cfg)
@@ -184,13 +185,11 @@ def train_baselines(args, out: Path, seconds: float) -> dict:
     """
     model, tok, _ = load_stage_folder(out / "hmtr-k8-stage3")
     data = prepare_hmtr_data(tok, "tinyshakespeare", seq_len=SEQ_LEN, block_size=8, seed=0)
-    depth_sets = [[d] for d in args.baseline_depths] if args.baseline_depths else [range(2, 13)]
+    depth_sets = [[d] for d in args.baseline_depths] if args.baseline_depths else [BASELINE_DEPTHS]
     runs = {}
-    for depths in depth_sets:
-        r = train_baseline(args, tok, data, num_parameters(model), seconds, out / "baseline", depths)
-        if len(depth_sets) > 1:  # keep each; the folder `baseline` ends up holding the best
-            shutil.rmtree(out / f"baseline-{r['layers']}l", ignore_errors=True)
-            os.replace(out / "baseline", out / f"baseline-{r['layers']}l")
+    for depths in depth_sets:  # several: each keeps its folder, and `baseline` gets a copy of the best
+        folder = out / ("baseline" if len(depth_sets) == 1 else f"baseline-{depths[0]}l")
+        r = train_baseline(args, tok, data, num_parameters(model), seconds, folder, depths)
         runs[r["layers"]] = r
         print(f"baseline ({r['layers']} layers, MLP {r['intermediate_size']}): bpc {r['eval_bpc']:.4f} after "
               f"{r['steps']} steps ({r['parameters']:,} parameters), load {load()}", flush=True)

@@ -219,17 +219,22 @@ def test_selective_state_update_iterates_to_full_scan():
     assert_close(state, h_full, 1e-5, 1e-5, "state")
 
 
-@pytest.mark.parametrize("split", [1, 13, 29])
-def test_scan_split_with_carried_state_equals_one_pass(split):
-    ins = scan_inputs(length=30, seed=13)
-    y, h = selective_scan_chunked(**ins, return_final_state=True, chunk_size=8)
-    first = {k: (v[..., :split] if k in ("u", "delta", "B", "C", "z") else v) for k, v in ins.items()}
-    second = {k: (v[..., split:] if k in ("u", "delta", "B", "C", "z") else v) for k, v in ins.items()}
-    y1, h1 = selective_scan_chunked(**first, return_final_state=True, chunk_size=8)
+def check_split_with_carried_state(scan, ins, split):
+    """scan over [:split] then [split:] from the carried state == one pass (y and final state)."""
+    y, h = scan(**ins, return_final_state=True)
+    first = {k: (v[..., :split] if k in ("u", "delta", "B", "C", "z") and v is not None else v) for k, v in ins.items()}
+    second = {k: (v[..., split:] if k in ("u", "delta", "B", "C", "z") and v is not None else v) for k, v in ins.items()}
+    y1, h1 = scan(**first, return_final_state=True)
     second["initial_state"] = h1
-    y2, h2 = selective_scan_chunked(**second, return_final_state=True, chunk_size=8)
+    y2, h2 = scan(**second, return_final_state=True)
     assert_close(torch.cat([y1, y2], -1), y, 1e-5, 1e-5, "y")
     assert_close(h2, h, 1e-5, 1e-5, "state")
+
+
+@pytest.mark.parametrize("split", [1, 13, 29])
+def test_scan_split_with_carried_state_equals_one_pass(split):
+    scan = lambda **kw: selective_scan_chunked(**kw, chunk_size=8)  # noqa: E731
+    check_split_with_carried_state(scan, scan_inputs(length=30, seed=13), split)
 
 
 def test_scan_dtypes():

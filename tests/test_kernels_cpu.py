@@ -19,7 +19,7 @@ from hypothesis import strategies as st
 from strata.kernels import kernels_cpu_scan, kernels_dispatch
 from strata.kernels.kernels_cpu_scan import selective_scan_cpu
 from strata.kernels.kernels_selective_scan import selective_scan, selective_scan_chunked, selective_scan_ref
-from tests.test_kernels import SCAN_OPTIONS, assert_close, compare, scan_inputs, scan_ref
+from tests.test_kernels import SCAN_OPTIONS, assert_close, check_split_with_carried_state, compare, scan_inputs, scan_ref
 
 pytestmark = pytest.mark.skipif(not kernels_cpu_scan.available(), reason="no C compiler with OpenMP builds the kernel")
 
@@ -68,13 +68,7 @@ def test_cpu_scan_equals_chunked_form_on_a_mamba_layer_shape():
 @pytest.mark.parametrize("split", [1, 16, 33])
 def test_cpu_scan_split_with_carried_state_equals_one_pass(split):
     ins = {k: (v.detach() if v is not None else None) for k, v in scan_inputs(d=20, length=50, seed=6).items()}
-    y, h = selective_scan_cpu(**ins, return_final_state=True)
-    first = {k: (v[..., :split] if k in ("u", "delta", "B", "C", "z") and v is not None else v) for k, v in ins.items()}
-    second = {k: (v[..., split:] if k in ("u", "delta", "B", "C", "z") and v is not None else v) for k, v in ins.items()}
-    y1, h1 = selective_scan_cpu(**first, return_final_state=True)
-    y2, h2 = selective_scan_cpu(**dict(second, initial_state=h1), return_final_state=True)
-    assert_close(torch.cat([y1, y2], -1), y, 1e-5, what="y")
-    assert_close(h2, h, 1e-5, what="state")
+    check_split_with_carried_state(selective_scan_cpu, ins, split)
 
 
 def test_cpu_scan_threads_agree():

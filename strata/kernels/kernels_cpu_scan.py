@@ -14,13 +14,14 @@ chunk of ``T`` positions from the state saved at its start (memory O(B D N L / T
 with the adjoint state ``gh`` in registers; the gradients of B and C (sums over the
 channels) go to one partial buffer per work item, which PyTorch reduces afterwards.
 
-It is written in C, compiled on first use with the system C compiler
-(``cc -O3 -march=native -ffast-math -fopenmp``, linked without fast-math; about a second, cached under
-``$STRATA_CACHE`` or ``~/.cache/strata``) and called through ctypes: no PyTorch
+It is written in C, compiled on first use with the system C compiler (``cc -O3
+-march=native -ffast-math -fopenmp``, linked without fast-math; about a second, cached
+under ``$STRATA_CACHE`` or ``~/.cache/strata``) and called through ctypes: no PyTorch
 headers, so no C++ build of minutes and no ABI coupling to the installed torch. The
 source lives in this module so that a saved model's code bundle carries it. It is opt-in
 (``kernel_backend="cpu"``; docs/kernels.md says why it is not the default). Where no
-compiler works, ``available()`` is False and asking for it is an error. The tests hold values and gradients to ``selective_scan_ref``.
+compiler works, ``available()`` is False and asking for it is an error. The tests hold
+values and gradients to ``selective_scan_ref``.
 
 Same contract as ``selective_scan_chunked``: fp32 arithmetic, fp64 when an input is fp64
 (the source is instantiated for both).
@@ -73,7 +74,7 @@ void FN(scan_forward)(int64_t batch, int64_t L, int64_t D, int64_t N, int64_t T,
                 if (ck && t % T == 0)
                     for (int64_t n = 0; n < N; n++)
                         memcpy(ck + ((b * nck + t / T) * N + n) * D + d0, h[n], sizeof h[n]);
-                const int64_t row = (b * L + t);
+                const int64_t row = b * L + t;
                 const real *dtv = dt + row * D + d0, *xv = dtx + row * D + d0;
                 const real *Bt = Bm + row * N, *Ct = Cm + row * N;
                 real acc[LANES] = {0};
@@ -232,7 +233,7 @@ def _load():
         if _library is None:
             try:
                 lib = ctypes.CDLL(str(_build()))
-            except (OSError, subprocess.CalledProcessError, FileNotFoundError) as err:
+            except (OSError, subprocess.CalledProcessError) as err:  # no compiler, a failed build or load
                 detail = getattr(err, "stderr", "") or err
                 logger.warning("selective_scan: the compiled CPU kernel is unavailable (%s); "
                                "use the chunked PyTorch form ('torch')", str(detail).strip()[:500])
@@ -291,20 +292,22 @@ class _CompiledScan(torch.autograd.Function):
         hT = dt_.new_empty(batch, n, width)
         need_grad = any(ctx.needs_input_grad[:6])
         ck = dt_.new_empty(batch, nck, n, width) if need_grad else None
-        _function("scan_forward", dt.dtype)(batch, length, width, n, T, _ptr(dt_), _ptr(dtx_), _ptr(A_), _ptr(B_), _ptr(C_),
-                         _ptr(h0_), _ptr(y), _ptr(hT), _ptr(ck), torch.get_num_threads())
+        _function("scan_forward", dt.dtype)(
+            batch, length, width, n, T, _ptr(dt_), _ptr(dtx_), _ptr(A_), _ptr(B_), _ptr(C_), _ptr(h0_),
+            _ptr(y), _ptr(hT), _ptr(ck), torch.get_num_threads(),
+        )
         if need_grad:
             ctx.save_for_backward(dt_, dtx_, A_, B_, C_, ck)
-            ctx.shape = (batch, dim, length, n, T)
+            ctx.dim, ctx.T = dim, T
         return y[:, :, :dim].transpose(1, 2), hT[:, :, :dim].transpose(1, 2)
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, gy, gh):
         dt_, dtx_, A_, B_, C_, ck = ctx.saved_tensors
-        batch, dim, length, n, T = ctx.shape
-        pad = dt_.shape[-1] - dim
-        width = dim + pad
+        batch, length, width = dt_.shape
+        n, dim = A_.shape[0], ctx.dim
+        pad = width - dim
         threads = torch.get_num_threads()
         # enough work items (batch rows x channel splits) for every thread, twice over
         nsplit = max(1, min(width // LANES, -(-2 * threads // batch)))
@@ -315,9 +318,10 @@ class _CompiledScan(torch.autograd.Function):
         gBp = dt_.new_zeros(batch, nsplit, length, n, LANES)
         gCp = torch.zeros_like(gBp)
         gh0 = dt_.new_empty(batch, n, width)
-        _function("scan_backward", dt_.dtype)(batch, length, width, n, T, nsplit, _ptr(dt_), _ptr(dtx_), _ptr(A_), _ptr(B_), _ptr(C_),
-                          _ptr(ck), _ptr(gy_), _ptr(gh_), _ptr(gdt), _ptr(gdtx), _ptr(gA), _ptr(gBp), _ptr(gCp),
-                          _ptr(gh0), threads)
+        _function("scan_backward", dt_.dtype)(
+            batch, length, width, n, ctx.T, nsplit, _ptr(dt_), _ptr(dtx_), _ptr(A_), _ptr(B_), _ptr(C_), _ptr(ck),
+            _ptr(gy_), _ptr(gh_), _ptr(gdt), _ptr(gdtx), _ptr(gA), _ptr(gBp), _ptr(gCp), _ptr(gh0), threads,
+        )
 
         def channels(t):  # [batch, X, D'] -> [batch, D, X]
             return t[..., :dim].transpose(1, 2)
